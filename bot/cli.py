@@ -1,0 +1,120 @@
+"""The `postmerge` command line.
+
+Exit codes: 0 completed (or a sound runbook), 1 failed (or an unsound
+runbook), 2 aborted or bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+
+from bot.errors import PostmergeError, UsageError
+from bot.i18n import current_locale, translate
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def build_parser(locale: str) -> argparse.ArgumentParser:
+    t = lambda key: translate(key, locale)  # noqa: E731 - local shorthand
+    parser = argparse.ArgumentParser(prog="postmerge", description=t("cli.description"))
+    parser.add_argument("--db", help=t("cli.help_db"))
+    parser.add_argument("--config", type=Path, help=t("cli.help_config"))
+    parser.add_argument("--locale", choices=("ja", "en"), help=t("cli.help_locale"))
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    lint = commands.add_parser("lint", help=t("cli.help_lint"))
+    lint.add_argument("file", type=Path)
+
+    plan = commands.add_parser("plan", help=t("cli.help_plan"))
+    plan.add_argument("file", type=Path)
+    plan.add_argument("--env", help=t("cli.help_env"))
+    plan.add_argument("--json", action="store_true", help=t("cli.help_json"))
+
+    run = commands.add_parser("run", help=t("cli.help_run"))
+    run.add_argument("file", type=Path)
+    run.add_argument("--env", help=t("cli.help_env"))
+    run.add_argument("--yes", action="store_true", help=t("cli.help_yes"))
+    run.add_argument("--dry-run", action="store_true", help=t("cli.help_dry_run"))
+
+    status = commands.add_parser("status", help=t("cli.help_status"))
+    status.add_argument("--json", action="store_true", help=t("cli.help_json"))
+    status.add_argument("--all", action="store_true", help=t("cli.help_all"))
+
+    resume = commands.add_parser("resume", help=t("cli.help_resume"))
+    resume.add_argument("run_id")
+    resume.add_argument("--yes", action="store_true", help=t("cli.help_yes"))
+    resume.add_argument("--on-interrupted", choices=("retry", "done", "skipped", "abort"),
+                        help=t("cli.help_on_interrupted"))
+
+    abort = commands.add_parser("abort", help=t("cli.help_abort"))
+    abort.add_argument("run_id")
+
+    rollback = commands.add_parser("rollback", help=t("cli.help_rollback"))
+    rollback.add_argument("run_id")
+    rollback.add_argument("--yes", action="store_true", help=t("cli.help_yes"))
+
+    sandbox = commands.add_parser("sandbox", help=t("cli.help_sandbox"))
+    sandbox_commands = sandbox.add_subparsers(dest="sandbox_command", required=True, metavar="ACTION")
+    up = sandbox_commands.add_parser("up", help=t("cli.help_sandbox_up"))
+    up.add_argument("--reset", action="store_true", help=t("cli.help_sandbox_reset"))
+    down = sandbox_commands.add_parser("down", help=t("cli.help_sandbox_down"))
+    down.add_argument("--purge", action="store_true", help=t("cli.help_sandbox_purge"))
+    switch = sandbox_commands.add_parser("switch", help=t("cli.help_sandbox_switch"))
+    switch.add_argument("name")
+    switch.add_argument("state", choices=("on", "off"))
+    sandbox_commands.add_parser("status", help=t("cli.help_sandbox_status"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    locale = current_locale(_early_locale(argv))
+    parser = build_parser(locale)
+    args = parser.parse_args(argv)
+    locale = current_locale(args.locale)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    from rich.console import Console
+
+    console = Console(stderr=False, highlight=False)
+    error_console = Console(stderr=True, highlight=False)
+    try:
+        if args.command == "lint":
+            from bot.commands import lint_command
+
+            return lint_command(args, console, locale)
+        if args.command == "plan":
+            from bot.commands import plan_command
+
+            return plan_command(args, console, locale)
+        from bot.commands import run_async_command
+
+        return asyncio.run(run_async_command(args, console, locale))
+    except PostmergeError as error:
+        error_console.print(translate("cli.error_prefix", locale) + error.render(locale), style="red",
+                            highlight=False, soft_wrap=True)
+        return EXIT_USAGE if isinstance(error, UsageError) else EXIT_FAILED
+    except KeyboardInterrupt:
+        error_console.print(translate("cli.interrupted", locale), style="red")
+        return EXIT_USAGE
+
+
+def _early_locale(argv: list[str]) -> str | None:
+    for index, value in enumerate(argv):
+        if value == "--locale" and index + 1 < len(argv):
+            return argv[index + 1]
+        if value.startswith("--locale="):
+            return value.partition("=")[2]
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["main", "build_parser", "json"]

@@ -1,0 +1,372 @@
+"""What each `postmerge` subcommand does; bot/cli.py parses the arguments."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from datetime import datetime
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from bot.config import SANDBOX, Environment, Settings, default_environment, load_environments
+from bot.errors import PostmergeError, RunbookError, UsageError
+from bot.i18n import translate
+from bot.model import Problem, Runbook, Severity
+from bot.parser import read_runbook
+from bot.plan import Plan
+from bot.planner import build_plan
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    settings = Settings()
+    if getattr(args, "config", None):
+        settings.config = args.config
+    return settings
+
+
+def format_problem(path: str, problem: Problem, locale: str) -> str:
+    severity = translate(f"lint.severity_{problem.severity.value}", locale)
+    message = translate(problem.key, locale, **problem.params)
+    return f"{path}:{problem.line}: {severity}: {message}"
+
+
+def load_and_plan(path: Path, environment: Environment | None) -> tuple[Runbook, Plan, list[Problem]]:
+    runbook = read_runbook(path)
+    plan, planner_problems = build_plan(runbook, environment)
+    problems = sorted(runbook.problems + planner_problems, key=lambda problem: problem.line)
+    return runbook, plan, problems
+
+
+def _print_problems(console: Console, path: Path, problems: list[Problem], locale: str, *, errors_only: bool = False) -> None:
+    for problem in problems:
+        if errors_only and problem.severity is not Severity.ERROR:
+            continue
+        style = "red" if problem.severity is Severity.ERROR else "yellow"
+        console.print(Text(format_problem(str(path), problem, locale), style=style), soft_wrap=True)
+
+
+def _refuse_unsound(console: Console, path: Path, problems: list[Problem], locale: str) -> None:
+    if any(problem.severity is Severity.ERROR for problem in problems):
+        _print_problems(Console(stderr=True, highlight=False), path, problems, locale, errors_only=True)
+        raise RunbookError("runbook.unsound", path=str(path))
+
+
+def resolve_environment(settings: Settings, name: str | None) -> Environment:
+    if name is None:
+        return default_environment()
+    environments = load_environments(settings)
+    if name not in environments:
+        if name == SANDBOX:
+            raise UsageError("cli.sandbox_not_up")
+        known = ", ".join(sorted(environments)) or "-"
+        raise UsageError("cli.unknown_environment", name=name, known=known)
+    return environments[name]
+
+
+# -- lint and plan ------------------------------------------------------------
+
+def lint_command(args: argparse.Namespace, console: Console, locale: str) -> int:
+    try:
+        _, _, problems = load_and_plan(args.file, None)
+    except RunbookError as error:
+        console.print(Text(f"{args.file}:1: {translate('lint.severity_error', locale)}: {error.render(locale)}",
+                           style="red"), soft_wrap=True)
+        return EXIT_FAILED
+    _print_problems(console, args.file, problems, locale)
+    if any(problem.severity is Severity.ERROR for problem in problems):
+        return EXIT_FAILED
+    if not problems:
+        console.print(Text(translate("lint.ok", locale, path=str(args.file)), style="green"))
+    return EXIT_OK
+
+
+def plan_command(args: argparse.Namespace, console: Console, locale: str) -> int:
+    environment = resolve_environment(_settings(args), args.env)
+    _, plan, problems = load_and_plan(args.file, environment)
+    _refuse_unsound(console, args.file, problems, locale)
+    if args.json:
+        print(json.dumps(plan.contract(), ensure_ascii=False, indent=2))
+        return EXIT_OK
+    print_plan(console, plan, locale)
+    _print_problems(console, args.file, problems, locale)
+    return EXIT_OK
+
+
+def print_plan(console: Console, plan: Plan, locale: str, *, dry_run: bool = False) -> None:
+    t = lambda message_key, **params: translate(message_key, locale, **params)  # noqa: E731 - local shorthand
+    total = (plan.total_planned_seconds or 0) // 60
+    console.print(Text(t("plan.header", runbook=plan.runbook, environment=plan.environment, minutes=total),
+                       style="bold"))
+    sections = [(f"Phase {phase.number}: {phase.title}", phase.planned_seconds, phase.steps) for phase in plan.phases]
+    if plan.verification:
+        sections.append((t("plan.verification"), None, plan.verification))
+    for group in plan.rollback:
+        phases = ", ".join(str(number) for number in group.phases)
+        sections.append((t("plan.rollback_group", phases=phases, title=group.title), None, group.steps))
+    if plan.emergency:
+        sections.append((t("plan.emergency"), None, plan.emergency))
+
+    for title, planned, steps in sections:
+        heading = title + (f"  ({t('plan.planned_minutes', minutes=planned // 60)})" if planned else "")
+        table = Table(title=heading, title_justify="left", title_style="bold cyan", show_lines=False, expand=True)
+        table.add_column("ID", no_wrap=True)
+        table.add_column(t("plan.col_kind"), no_wrap=True)
+        table.add_column(t("plan.col_mode"), no_wrap=True)
+        table.add_column(t("plan.col_step"))
+        table.add_column(t("plan.col_detail"))
+        for step in steps:
+            mode = t("plan.automated") if step.automated else t("plan.manual")
+            if step.requires_approval:
+                mode += " + " + t("plan.approval")
+            table.add_row(step.id, step.kind, mode, step.title, describe_step(step, locale, dry_run=dry_run))
+        console.print(table)
+
+
+def describe_step(step, locale: str, *, dry_run: bool = False) -> str:
+    t = lambda message_key, **params: translate(message_key, locale, **params)  # noqa: E731 - local shorthand
+    parts: list[str] = []
+    if step.kind == "http":
+        parts.append(t("plan.detail_http", method=step.method or "GET", url=step.target_url or step.url,
+                       status=step.expect_status or "2xx", timeout=f"{step.timeout_seconds or 0:g}"))
+        if step.expect_json is not None:
+            parts.append(t("plan.detail_expect_json", json=json.dumps(step.expect_json, ensure_ascii=False)))
+    elif step.kind == "env":
+        for key, value in step.variables.items():
+            parts.append(t("plan.detail_env", key=key, value=value, file=step.file))
+    elif step.kind == "sql":
+        parts.append(t("plan.detail_sql", query=step.query))
+    elif step.kind == "traffic":
+        parts.append(t("plan.detail_traffic", weight=step.weight))
+    elif step.kind == "monitor":
+        thresholds = ", ".join(f"{key}={value:g}" for key, value in step.thresholds.items())
+        parts.append(t("plan.detail_monitor", seconds=step.duration_seconds, thresholds=thresholds or "-"))
+    elif step.run_command:
+        parts.append(t("plan.detail_shell", command=step.run_command))
+        if step.commands and step.run_command != step.commands[0]:
+            parts.append(t("plan.detail_substituted", command=step.commands[0]))
+    elif step.commands:
+        parts.append(" / ".join(step.commands))
+    if step.manual_reason:
+        parts.append(t(step.manual_reason, kind=step.kind))
+    if step.prerequisite_of:
+        parts.append(t("plan.detail_prerequisite", step_id=step.prerequisite_of))
+    if step.match is not None:
+        parts.append(t(f"plan.match_{step.match.reason}", task=step.match.task, line=step.match.task_line,
+                       score=step.match.score))
+    if step.approval_note:
+        parts.append(t("gate.approval_note", note=step.approval_note))
+    for expectation in step.unchecked_expectations:
+        parts.append(t("plan.detail_unchecked", text=expectation))
+    if dry_run and step.automated and step.kind not in ("manual", "approval"):
+        parts.insert(0, t("plan.would_run"))
+    return "\n".join(parts)
+
+
+# -- commands that use the store --------------------------------------------------
+
+async def run_async_command(args: argparse.Namespace, console: Console, locale: str) -> int:
+    settings = _settings(args)
+    if args.command == "sandbox":
+        return await sandbox_command(args, console, locale, settings)
+    if args.command == "run" and args.dry_run:
+        return dry_run_command(args, console, locale, settings)
+
+    from storage import Store
+
+    store = await Store.open(settings.store_url(args.db))
+    try:
+        if args.command == "run":
+            return await run_command(args, console, locale, settings, store)
+        if args.command == "status":
+            return await status_command(args, console, locale, store)
+        if args.command == "resume":
+            return await resume_command(args, console, locale, settings, store)
+        if args.command == "abort":
+            return await abort_command(args, console, locale, store)
+        if args.command == "rollback":
+            return await rollback_command(args, console, locale, settings, store)
+    finally:
+        await store.close()
+    raise UsageError("cli.unknown_command", command=args.command)
+
+
+def dry_run_command(args, console: Console, locale: str, settings: Settings) -> int:
+    environment = resolve_environment(settings, args.env)
+    _, plan, problems = load_and_plan(args.file, environment)
+    _refuse_unsound(console, args.file, problems, locale)
+    console.print(Text(translate("cli.dry_run_header", locale, workdir=str(environment.workdir)), style="bold"))
+    print_plan(console, plan, locale, dry_run=True)
+    return EXIT_OK
+
+
+def _engine(settings: Settings, store, environment: Environment, locale: str, console: Console, *,
+            yes: bool, runbook_path: Path | None, language: str, on_interrupted: str | None = None):
+    from bot.engine import Engine
+    from bot.terminal import AutoInteraction, TerminalInteraction, TerminalView, terminal_actor
+    from bot.writeback import RunbookWriteback
+
+    if yes and environment.protected:
+        raise UsageError("cli.yes_protected", environment=environment.name)
+    view = TerminalView(console, locale)
+    actor = terminal_actor()
+    interaction = AutoInteraction(console, locale, f"{actor} (--yes)") if yes else TerminalInteraction(console, view, locale)
+    notifiers = [view]
+    if environment.writeback and runbook_path is not None and runbook_path.is_file():
+        notifiers.append(RunbookWriteback(runbook_path, language))
+    return Engine(store, environment, interaction, notifiers, home=settings.home, locale=locale, actor=actor,
+                  on_interrupted=on_interrupted)
+
+
+async def run_command(args, console: Console, locale: str, settings: Settings, store) -> int:
+    from bot.terminal import terminal_actor
+
+    environment = resolve_environment(settings, args.env)
+    if args.yes and environment.protected:
+        raise UsageError("cli.yes_protected", environment=environment.name)
+    runbook, plan, problems = load_and_plan(args.file, environment)
+    _refuse_unsound(console, args.file, problems, locale)
+    plan.runbook_path = str(args.file.resolve())
+    engine = _engine(settings, store, environment, locale, console, yes=args.yes, runbook_path=args.file.resolve(),
+                     language=runbook.language)
+    run_id = await engine.start(plan, started_by=terminal_actor())
+    console.print(Text(translate("cli.run_created", locale, run_id=run_id), style="dim"))
+    outcome = await engine.drive(run_id)
+    return outcome.exit_code
+
+
+async def resume_command(args, console: Console, locale: str, settings: Settings, store) -> int:
+    run = await store.get_run(args.run_id)
+    environment = resolve_environment(settings, None if run.environment == "default" else run.environment)
+    plan = Plan.model_validate(run.plan)
+    engine = _engine(settings, store, environment, locale, console, yes=args.yes,
+                     runbook_path=Path(run.runbook_path), language=plan.language, on_interrupted=args.on_interrupted)
+    outcome = await engine.drive(run.id)
+    return outcome.exit_code
+
+
+async def rollback_command(args, console: Console, locale: str, settings: Settings, store) -> int:
+    from bot.rollback import build_rollback_plan
+    from bot.terminal import terminal_actor
+
+    run = await store.get_run(args.run_id)
+    environment = resolve_environment(settings, None if run.environment == "default" else run.environment)
+    records = await store.steps(run.id)
+    rollback_plan = build_rollback_plan(run, records, translate("rollback.inverse_title", locale))
+    engine = _engine(settings, store, environment, locale, console, yes=args.yes,
+                     runbook_path=Path(run.runbook_path), language=rollback_plan.language)
+    steps = [step for group in rollback_plan.rollback for step in group.steps]
+    rollback_id = await engine.start(rollback_plan, started_by=terminal_actor(), kind="rollback",
+                                     parent_run_id=run.id, steps=steps)
+    console.print(Text(translate("cli.rollback_created", locale, run_id=rollback_id, parent=run.id), style="dim"))
+    outcome = await engine.drive(rollback_id)
+    return outcome.exit_code
+
+
+async def abort_command(args, console: Console, locale: str, store) -> int:
+    from bot.terminal import terminal_actor
+    from storage.store import _owner_alive
+
+    run = await store.get_run(args.run_id)
+    if not run.active:
+        raise UsageError("cli.abort_not_active", run_id=run.id, status=run.status)
+    actor = terminal_actor()
+    await store.request_abort(run.id, actor)
+    if run.owner and _owner_alive(run.owner):
+        console.print(Text(translate("cli.abort_requested", locale, run_id=run.id, owner=run.owner)))
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            current = await store.get_run(run.id)
+            if not current.active:
+                console.print(Text(translate("cli.abort_done", locale, run_id=run.id, status=current.status)))
+                return EXIT_OK
+            import asyncio
+
+            await asyncio.sleep(0.5)
+        console.print(Text(translate("cli.abort_pending", locale, run_id=run.id)), style="yellow")
+        return EXIT_FAILED
+    # Nobody is carrying the run forward, so the abort takes effect here.
+    await store.update_run(run.id, status="aborted", finished_at=time.time(),
+                           error=translate("engine.aborted_by", locale, actor=actor),
+                           event_type="run.aborted", actor=actor)
+    console.print(Text(translate("cli.abort_done", locale, run_id=run.id, status="aborted")))
+    return EXIT_OK
+
+
+async def status_command(args, console: Console, locale: str, store) -> int:
+    runs = await store.list_runs(active_only=False, limit=50 if args.all else 20)
+    rows = []
+    for run in runs:
+        steps = await store.steps(run.id)
+        done = sum(1 for step in steps if step.status in ("succeeded", "skipped", "approved"))
+        current = next((step for step in steps if step.status in ("running", "waiting", "interrupted")), None)
+        rows.append({
+            "id": run.id,
+            "kind": run.kind,
+            "parent_run_id": run.parent_run_id,
+            "runbook": run.runbook,
+            "environment": run.environment,
+            "status": run.status,
+            "started_by": run.started_by,
+            "created_at": run.created_at,
+            "finished_at": run.finished_at,
+            "current_phase": run.current_phase,
+            "current_step": current.step_id if current else None,
+            "current_step_status": current.status if current else None,
+            "failed_step": run.failed_step,
+            "steps_done": done,
+            "steps_total": len(steps),
+            "error": run.error,
+        })
+    if args.json:
+        print(json.dumps({"runs": rows}, ensure_ascii=False, indent=2))
+        return EXIT_OK
+    if not rows:
+        console.print(translate("status.none", locale))
+        return EXIT_OK
+    t = lambda message_key, **params: translate(message_key, locale, **params)  # noqa: E731 - local shorthand
+    table = Table(expand=True)
+    for column in ("run", "runbook", "environment", "status", "phase", "progress", "started"):
+        table.add_column(t(f"status.col_{column}"))
+    for row in rows:
+        phase = str(row["current_phase"] or "-")
+        if row["current_step"]:
+            phase += f" ({row['current_step']} {row['current_step_status']})"
+        if row["failed_step"]:
+            phase += " " + t("status.failed_at", step=row["failed_step"])
+        kind = "" if row["kind"] == "run" else f" ↩ {row['parent_run_id']}"
+        table.add_row(row["id"] + kind, row["runbook"], row["environment"], t(f"status.{row['status']}"),
+                      phase, f"{row['steps_done']}/{row['steps_total']}",
+                      datetime.fromtimestamp(row["created_at"]).strftime("%Y-%m-%d %H:%M"))
+    console.print(table)
+    return EXIT_OK
+
+
+async def sandbox_command(args, console: Console, locale: str, settings: Settings) -> int:
+    import bot.sandbox as sandbox
+
+    home = settings.home
+    action = args.sandbox_command
+    if action == "up":
+        state = await sandbox.up(home, reset=args.reset)
+        console.print(Text(translate("cli.sandbox_up", locale, workdir=str(state.get("workdir", "")),
+                                     port=(state.get("service") or {}).get("port", "")), style="green"))
+        return EXIT_OK
+    if action == "down":
+        await sandbox.down(home, purge=args.purge)
+        console.print(Text(translate("cli.sandbox_down", locale)))
+        return EXIT_OK
+    if action == "switch":
+        sandbox.set_switch(home, args.name, args.state == "on")
+        console.print(Text(translate("cli.sandbox_switch", locale, name=args.name, state=args.state)))
+        return EXIT_OK
+    print(json.dumps(sandbox.sandbox_status(home), ensure_ascii=False, indent=2, default=str))
+    return EXIT_OK
+
+
+__all__ = ["PostmergeError"]

@@ -1,0 +1,152 @@
+"""Settings from the process environment and environments from postmerge.toml.
+
+An environment is a named target (production, staging, sandbox) with its
+working directory, URL rewrites, database for read-only checks and the
+command substitutions that make a runbook's lines runnable there.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+
+from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from bot.errors import ConfigError
+
+SANDBOX = "sandbox"
+
+
+def default_home() -> Path:
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "postmerge"
+
+
+class Settings(BaseSettings):
+    """Process-wide settings, read from POSTMERGE_* variables."""
+
+    model_config = SettingsConfigDict(env_prefix="POSTMERGE_", extra="ignore")
+
+    home: Path = Field(default_factory=default_home)
+    database_url: str | None = None
+    config: Path | None = None
+    locale: str = "ja"
+
+    @field_validator("locale")
+    @classmethod
+    def _check_locale(cls, value: str) -> str:
+        if value not in ("ja", "en"):
+            raise ValueError(f"POSTMERGE_LOCALE must be 'ja' or 'en', not {value!r}")
+        return value
+
+    def store_url(self, override: str | None = None) -> str:
+        """Return the SQLAlchemy URL of the run store, SQLite under home by default."""
+        url = override or self.database_url
+        if url:
+            return normalize_database_url(url)
+        return f"sqlite+aiosqlite:///{self.home / 'postmerge.db'}"
+
+
+def normalize_database_url(url: str) -> str:
+    """Map plain postgresql:// and sqlite:// URLs to the async drivers."""
+    for plain, driver in (
+        ("postgresql://", "postgresql+asyncpg://"),
+        ("postgres://", "postgresql+asyncpg://"),
+        ("sqlite://", "sqlite+aiosqlite://"),
+    ):
+        if url.startswith(plain):
+            return driver + url[len(plain):]
+    return url
+
+
+class Environment(BaseModel):
+    """One named target a runbook runs against."""
+
+    model_config = {"extra": "forbid"}
+
+    name: str
+    protected: bool = False
+    workdir: Path = Field(default_factory=Path.cwd)
+    # Prefix rewrites applied to every URL of an http step, for example
+    # "https://api.example.com" -> "http://127.0.0.1:8080".
+    url_rewrites: dict[str, str] = Field(default_factory=dict)
+    # Database that sql steps read, as a postgresql:// URL.
+    database_url: str | None = None
+    # Extra variables and dotenv files (relative to workdir) given to shell steps.
+    variables: dict[str, str] = Field(default_factory=dict)
+    env_files: list[str] = Field(default_factory=list)
+    # A runbook command, written exactly as in the runbook, mapped to the
+    # command that runs in this environment instead.
+    commands: dict[str, str] = Field(default_factory=dict)
+    writeback: bool = True
+    locale: str | None = None
+    default_timeout_seconds: float = Field(default=3600, gt=0)
+    http_timeout_seconds: float = Field(default=30, gt=0)
+    kill_grace_seconds: float = Field(default=10, ge=0)
+    output_limit_bytes: int = Field(default=1_000_000, gt=0)
+
+    def resolve(self, path: str) -> Path:
+        candidate = Path(path)
+        if candidate.is_absolute():
+            return candidate
+        return self.workdir / candidate
+
+    def rewrite_url(self, url: str) -> str:
+        for prefix in sorted(self.url_rewrites, key=len, reverse=True):
+            if url.startswith(prefix):
+                return self.url_rewrites[prefix] + url[len(prefix):]
+        return url
+
+
+def load_environments(settings: Settings) -> dict[str, Environment]:
+    """Read the environments of postmerge.toml and add the sandbox if it is up."""
+    environments: dict[str, Environment] = {}
+    path = settings.config
+    if path is None and Path("postmerge.toml").is_file():
+        path = Path("postmerge.toml")
+    if path is not None:
+        environments.update(_read_config_file(path))
+
+    if SANDBOX not in environments:
+        from bot.sandbox import sandbox_environment
+
+        sandbox = sandbox_environment(settings.home)
+        if sandbox is not None:
+            environments[SANDBOX] = sandbox
+
+    return environments
+
+
+def _read_config_file(path: Path) -> dict[str, Environment]:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError("config.not_found", path=str(path)) from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError("config.invalid_toml", path=str(path), error=str(error)) from None
+
+    environments = {}
+    for name, values in data.get("environments", {}).items():
+        try:
+            environment = Environment(name=name, **values)
+        except ValidationError as error:
+            first = error.errors()[0]
+            field = ".".join(str(part) for part in first["loc"])
+            raise ConfigError(
+                "config.invalid_environment",
+                path=str(path),
+                environment=name,
+                field=field,
+                error=first["msg"],
+            ) from None
+        if not environment.workdir.is_absolute():
+            environment.workdir = (path.parent / environment.workdir).resolve()
+        environments[name] = environment
+    return environments
+
+
+def default_environment() -> Environment:
+    """Return the environment used when no --env is given: the current directory."""
+    return Environment(name="default")

@@ -1,0 +1,471 @@
+"""The engine: carries out a stored plan step by step, durably.
+
+Each transition (a step marked running, succeeded, failed) is committed with
+its event before the effect it announces, so after a crash the store tells
+which effects may have happened. A step found `running` when a run is picked
+up again was interrupted: it runs again if its executor says a repeat is
+safe, and otherwise a person decides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bot.config import Environment
+from bot.errors import PostmergeError, RunConflict, StepError, UsageError
+from bot.gates import CHOICES, GateAnswer, GateRequest, Interaction, Notifier, RunEvent
+from bot.i18n import translate
+from bot.plan import Plan, Step
+from steps import GATE_KINDS, OutputBuffer, StepContext, load_executor
+from steps.shell import group_alive
+from storage import RunRecord, StepRecord, Store, owner_id
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_SECONDS = 5.0
+ABORT_POLL_SECONDS = 0.5
+DONE_STEP_STATUSES = ("succeeded", "skipped", "approved")
+OUTPUT_TAIL_LINES = 20
+
+
+class RunAborted(Exception):
+    def __init__(self, actor: str) -> None:
+        super().__init__(actor)
+        self.actor = actor
+
+
+class StepFailed(Exception):
+    def __init__(self, status: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass
+class RunOutcome:
+    run_id: str
+    status: str
+    error: str | None = None
+    failed_step: str | None = None
+
+    @property
+    def exit_code(self) -> int:
+        return {"completed": 0, "rolled_back": 0, "failed": 1}.get(self.status, 2)
+
+
+@dataclass
+class _Progress:
+    phase_started: dict[int, float] = field(default_factory=dict)
+
+
+class Engine:
+    def __init__(
+        self,
+        store: Store,
+        environment: Environment,
+        interaction: Interaction,
+        notifiers: list[Notifier] | None = None,
+        *,
+        home: Path,
+        locale: str = "ja",
+        actor: str | None = None,
+        on_interrupted: str | None = None,
+    ) -> None:
+        self.store = store
+        self.environment = environment
+        self.interaction = interaction
+        self.notifiers = notifiers or []
+        self.home = home
+        self.locale = locale
+        self.actor = actor
+        self.on_interrupted = on_interrupted
+        self.owner = owner_id()
+        self._abort_actor: str | None = None
+        self._drive_task: asyncio.Task | None = None
+        self._interruptible = False
+        self._failed_step: Step | None = None
+
+    # -- starting ---------------------------------------------------------
+
+    async def start(self, plan: Plan, *, started_by: str | None, kind: str = "run",
+                    parent_run_id: str | None = None, steps: list[Step] | None = None) -> str:
+        ordered = steps if steps is not None else plan.steps()
+        return await self.store.create_run(
+            plan.model_dump(mode="json"),
+            [{"id": step.id, "kind": step.kind, "title": step.title, "phase": step.phase} for step in ordered],
+            runbook=plan.runbook,
+            runbook_path=plan.runbook_path,
+            environment=plan.environment,
+            started_by=started_by,
+            kind=kind,
+            parent_run_id=parent_run_id,
+        )
+
+    def artifacts_dir(self, run: RunRecord) -> Path:
+        # A rollback shares the artifacts of the run it undoes, such as its backup.
+        return self.home / "runs" / (run.parent_run_id or run.id)
+
+    # -- driving ----------------------------------------------------------
+
+    async def drive(self, run_id: str) -> RunOutcome:
+        """Carry a run forward until it completes, fails, is aborted or waits on nobody."""
+        run = await self.store.get_run(run_id)
+        if run.status not in ("pending", "running", "waiting", "paused"):
+            raise UsageError("engine.run_not_active", run_id=run.id, status=run.status)
+        if not await self.store.claim(run.id, self.owner):
+            raise RunConflict("engine.run_owned", run_id=run.id, owner=run.owner or "?")
+        if run.status != "pending":
+            await self.store.take_lock(run.id)
+
+        plan = Plan.model_validate(run.plan)
+        steps = {step.id: step for step in self._ordered_steps(run, plan)}
+        self._drive_task = asyncio.current_task()
+        watchers = [
+            asyncio.create_task(self._heartbeat(run.id)),
+            asyncio.create_task(self._watch_abort(run.id)),
+        ]
+        try:
+            return await self._drive(run, plan, steps)
+        finally:
+            for watcher in watchers:
+                watcher.cancel()
+            for watcher in watchers:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
+            await self.store.release(run.id, self.owner)
+
+    def _ordered_steps(self, run: RunRecord, plan: Plan) -> list[Step]:
+        if run.kind == "rollback":
+            return [step for group in plan.rollback for step in group.steps]
+        return plan.steps()
+
+    async def _drive(self, run: RunRecord, plan: Plan, steps: dict[str, Step]) -> RunOutcome:
+        now = time.time()
+        if run.status == "pending":
+            await self.store.update_run(run.id, status="running", started_at=now, owner=self.owner,
+                                        event_type="run.started", actor=run.started_by)
+            await self._emit("run.started", run.id, plan)
+        else:
+            await self.store.update_run(run.id, status="running", event_type="run.resumed", actor=self.actor)
+            await self._emit("run.resumed", run.id, plan)
+
+        records = {record.step_id: record for record in await self.store.steps(run.id)}
+        progress = _Progress()
+        current_phase: int | None = run.current_phase
+        try:
+            for step_id, step in steps.items():
+                record = records[step_id]
+                if record.status in DONE_STEP_STATUSES:
+                    continue
+                if step.phase != current_phase:
+                    if current_phase is not None:
+                        await self._finish_phase(run, plan, current_phase, records)
+                    current_phase = step.phase
+                    progress.phase_started.setdefault(step.phase or 0, time.time())
+                    await self.store.update_run(run.id, current_phase=step.phase, event_type="phase.started",
+                                                event_data={"phase": step.phase})
+                    await self._emit("phase.started", run.id, plan, phase=step.phase)
+                self._check_abort()
+                if record.status in ("running", "interrupted"):
+                    record = await self._recover_interrupted(run, plan, step, record)
+                    if record.status in DONE_STEP_STATUSES:
+                        records[step_id] = record
+                        continue
+                record = await self._run_step(run, plan, step, record)
+                records[step_id] = record
+            if current_phase is not None:
+                await self._finish_phase(run, plan, current_phase, records)
+        except RunAborted as aborted:
+            return await self._finish_run(run, plan, "aborted", error=translate(
+                "engine.aborted_by", self.locale, actor=aborted.actor))
+        except StepFailed as failure:
+            failed = self._failed_step
+            await self.store.update_run(run.id, failed_phase=failed.phase if failed else None,
+                                        failed_step=failed.id if failed else None)
+            return await self._finish_run(run, plan, "failed", error=failure.message,
+                                          failed_step=failed.id if failed else None)
+
+        return await self._finish_run(run, plan, "completed")
+
+    async def _finish_phase(self, run: RunRecord, plan: Plan, phase: int | None, records: dict[str, StepRecord]) -> None:
+        phase_steps = [records[step.id] for step in self._ordered_steps(run, plan) if step.phase == phase]
+        started = [record.started_at for record in phase_steps if record.started_at]
+        finished = [record.finished_at for record in phase_steps if record.finished_at]
+        actual = (max(finished) - min(started)) if started and finished else 0.0
+        await self.store.append_event(run.id, "phase.finished", data={"phase": phase, "actual_seconds": actual})
+        await self._emit("phase.finished", run.id, plan, phase=phase, data={"actual_seconds": actual})
+
+    async def _finish_run(self, run: RunRecord, plan: Plan, status: str, *, error: str | None = None,
+                          failed_step: str | None = None) -> RunOutcome:
+        await self.store.update_run(run.id, status=status, finished_at=time.time(), error=error,
+                                    event_type=f"run.{status}", event_data={"error": error} if error else None)
+        log.info("run finished", extra={"run_id": run.id, "status": status})
+        if run.kind == "rollback" and run.parent_run_id and status == "completed":
+            await self.store.update_run(run.parent_run_id, status="rolled_back", event_type="run.rolled_back",
+                                        event_data={"rollback_run_id": run.id})
+        await self._emit(f"run.{status}", run.id, plan, data={"error": error, "failed_step": failed_step,
+                                                             "kind": run.kind, "parent_run_id": run.parent_run_id})
+        return RunOutcome(run_id=run.id, status=status, error=error, failed_step=failed_step)
+
+    # -- one step ---------------------------------------------------------
+
+    async def _run_step(self, run: RunRecord, plan: Plan, step: Step, record: StepRecord) -> StepRecord:
+        attempt = record.attempt + 1
+
+        if step.requires_approval and step.kind != "approval":
+            answer = await self._gate(run, plan, step, attempt, "approval")
+            if answer.decision != "approved":
+                await self.store.update_step(run.id, step.id, status="rejected", decided_by=answer.actor,
+                                             finished_at=time.time(), event_type="step.rejected", actor=answer.actor)
+                raise RunAborted(answer.actor)
+
+        if step.kind in GATE_KINDS or not step.automated:
+            return await self._run_gate_step(run, plan, step, record, attempt)
+
+        executor = load_executor(step.kind)
+        started = time.time()
+        await self.store.update_step(run.id, step.id, status="running", attempt=attempt, started_at=started,
+                                     finished_at=None, exit_code=None, error=None,
+                                     event_type="step.started", event_data={"attempt": attempt})
+        await self._emit("step.started", run.id, plan, step=step, phase=step.phase)
+
+        previous = dict(record.data or {})
+        if step.undoes and run.parent_run_id:
+            from bot.rollback import inverse_source
+
+            previous = {**inverse_source(await self.store.steps(run.parent_run_id), step), **previous}
+
+        output = OutputBuffer(self.environment.output_limit_bytes,
+                              on_line=lambda line: self._output_line(run.id, step, line))
+        context = StepContext(
+            run_id=run.id,
+            step=step,
+            environment=self.environment,
+            artifacts_dir=self.artifacts_dir(run),
+            output=output,
+            timeout_seconds=step.timeout_seconds or self.environment.default_timeout_seconds,
+            locale=self.locale,
+            previous_data=previous,
+            checkpoint=lambda data: self.store.checkpoint_step(run.id, step.id, data),
+            running_process_groups=lambda: self._running_groups(run),
+        )
+        status, error, exit_code, data = "succeeded", None, None, dict(record.data or {})
+        self._interruptible = True
+        try:
+            async with asyncio.timeout(context.timeout_seconds):
+                result = await self._execute(executor, context)
+            exit_code = result.exit_code
+            data.update(result.data)
+        except TimeoutError:
+            status = "timed_out"
+            error = translate("engine.step_timed_out", self.locale, step=step.title,
+                              seconds=_format_seconds(context.timeout_seconds))
+        except StepError as failure:
+            status, error, exit_code = "failed", failure.render(self.locale), failure.exit_code
+        except asyncio.CancelledError:
+            if self._abort_actor is None:
+                raise
+            _uncancel()
+            status = "failed"
+            error = translate("engine.aborted_by", self.locale, actor=self._abort_actor)
+        finally:
+            self._interruptible = False
+
+        finished = time.time()
+        await self.store.update_step(
+            run.id, step.id, status=status, finished_at=finished, exit_code=exit_code, error=error,
+            output=output.text(), data=data, event_type=f"step.{status}",
+            event_data={"exit_code": exit_code, "seconds": round(finished - started, 3), "error": error},
+        )
+        await self._emit(f"step.{status}", run.id, plan, step=step, phase=step.phase,
+                         data={"seconds": finished - started, "error": error, "exit_code": exit_code,
+                               "tail": output.tail(OUTPUT_TAIL_LINES)})
+        if self._abort_actor is not None:
+            raise RunAborted(self._abort_actor)
+        if status != "succeeded":
+            self._failed_step = step
+            raise StepFailed(status, error or status)
+        return _replace(record, status=status, attempt=attempt, started_at=started, finished_at=finished,
+                        exit_code=exit_code, data=data)
+
+    async def _execute(self, executor, context: StepContext):
+        if context.step.undoes:
+            return await executor.rollback(context)
+        return await executor.execute(context)
+
+    async def _run_gate_step(self, run: RunRecord, plan: Plan, step: Step, record: StepRecord,
+                             attempt: int) -> StepRecord:
+        kind = "approval" if step.kind == "approval" else "manual"
+        started = time.time()
+        await self.store.update_step(run.id, step.id, status="waiting", attempt=attempt, started_at=started,
+                                     event_type="step.waiting", run_values={"status": "waiting"})
+        answer = await self._gate(run, plan, step, attempt, kind)
+        status = {"approved": "approved", "done": "succeeded", "skipped": "skipped"}.get(answer.decision)
+        finished = time.time()
+        if status is None:
+            await self.store.update_step(run.id, step.id, status="rejected", decided_by=answer.actor,
+                                         finished_at=finished, event_type="step.rejected", actor=answer.actor,
+                                         run_values={"status": "running"})
+            raise RunAborted(answer.actor)
+        await self.store.update_step(run.id, step.id, status=status, decided_by=answer.actor, finished_at=finished,
+                                     event_type=f"step.{status}", actor=answer.actor,
+                                     run_values={"status": "running"})
+        await self._emit(f"step.{status}", run.id, plan, step=step, phase=step.phase,
+                         data={"seconds": finished - started, "actor": answer.actor})
+        return _replace(record, status=status, attempt=attempt, started_at=started, finished_at=finished,
+                        decided_by=answer.actor)
+
+    async def _gate(self, run: RunRecord, plan: Plan, step: Step, attempt: int, kind: str) -> GateAnswer:
+        approval_id = await self.store.request_decision(run.id, step.id, attempt, kind)
+        existing = await self.store.get_decision(approval_id)
+        if existing["decision"] is not None:
+            return GateAnswer(existing["decision"], existing["decided_by"])
+
+        await self._emit(f"gate.{kind}", run.id, plan, step=step, phase=step.phase)
+        request = GateRequest(
+            run_id=run.id, kind=kind, step=step, attempt=attempt, approval_id=approval_id,
+            started_by=run.started_by, locale=self.locale, choices=CHOICES[kind],
+            details=self._gate_details(step, kind),
+        )
+        self._interruptible = True
+        try:
+            answer = await self.interaction.answer(request)
+        except asyncio.CancelledError:
+            if self._abort_actor is None:
+                raise
+            _uncancel()
+            raise RunAborted(self._abort_actor) from None
+        finally:
+            self._interruptible = False
+        won, row = await self.store.decide(approval_id, answer.decision, answer.actor)
+        if not won:
+            return GateAnswer(row["decision"], row["decided_by"])
+        return answer
+
+    def _gate_details(self, step: Step, kind: str) -> list[str]:
+        details: list[str] = []
+        if step.commands:
+            details.extend(step.commands)
+        if step.approval_note:
+            details.append(translate("gate.approval_note", self.locale, note=step.approval_note))
+        if step.manual_reason:
+            details.append(translate(step.manual_reason, self.locale, kind=step.kind))
+        details.extend(step.instructions)
+        return details
+
+    # -- interruptions ----------------------------------------------------
+
+    async def _recover_interrupted(self, run: RunRecord, plan: Plan, step: Step, record: StepRecord) -> StepRecord:
+        """Decide what to do with a step that was running when its process died."""
+        if record.status == "running":
+            await self.store.update_step(run.id, step.id, status="interrupted", event_type="step.interrupted",
+                                         event_data={"attempt": record.attempt})
+        pgid = (record.data or {}).get("pgid")
+        if pgid and group_alive(pgid, (record.data or {}).get("pid_start")):
+            # The step's process outlived the engine: stop it before anything runs again.
+            from steps.shell import stop_group
+
+            await stop_group(int(pgid), self.environment.kill_grace_seconds)
+            await self.store.append_event(run.id, "step.orphan_stopped", step_id=step.id, data={"pgid": pgid})
+
+        if step.kind in GATE_KINDS or not step.automated or load_executor(step.kind).repeat_safe(step):
+            return _replace(record, status="pending")
+
+        if self.on_interrupted is not None:
+            answer = GateAnswer(self.on_interrupted, self.actor or "cli")
+            approval_id = await self.store.request_decision(run.id, step.id, record.attempt, "interrupted")
+            won, row = await self.store.decide(approval_id, answer.decision, answer.actor)
+            if not won:
+                answer = GateAnswer(row["decision"], row["decided_by"])
+        else:
+            answer = await self._gate(run, plan, step, record.attempt, "interrupted")
+
+        if answer.decision == "retry":
+            return _replace(record, status="pending")
+        if answer.decision in ("done", "skipped"):
+            status = "succeeded" if answer.decision == "done" else "skipped"
+            await self.store.update_step(run.id, step.id, status=status, decided_by=answer.actor,
+                                         finished_at=time.time(), event_type=f"step.{status}", actor=answer.actor)
+            return _replace(record, status=status)
+        raise RunAborted(answer.actor)
+
+    async def _running_groups(self, run: RunRecord) -> list[int]:
+        """Return live process groups of steps of this run (or of the run it rolls back)."""
+        target = run.parent_run_id or run.id
+        groups = []
+        for record in await self.store.steps(target):
+            pgid = (record.data or {}).get("pgid")
+            if record.status in ("running", "interrupted") and pgid and group_alive(pgid, record.data.get("pid_start")):
+                groups.append(int(pgid))
+        return groups
+
+    # -- background -------------------------------------------------------
+
+    async def _heartbeat(self, run_id: str) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_SECONDS)
+            try:
+                await self.store.heartbeat(run_id, self.owner)
+            except Exception:  # noqa: BLE001 - a missed heartbeat is retried on the next beat
+                log.warning("heartbeat failed", exc_info=True, extra={"run_id": run_id})
+
+    async def _watch_abort(self, run_id: str) -> None:
+        """Poll for an abort requested from elsewhere and cancel the step or gate in progress."""
+        while True:
+            await asyncio.sleep(ABORT_POLL_SECONDS)
+            try:
+                actor = await self.store.abort_requested(run_id)
+            except Exception:  # noqa: BLE001 - the next poll tries again
+                log.warning("abort poll failed", exc_info=True, extra={"run_id": run_id})
+                continue
+            if actor:
+                self._abort_actor = actor
+                if self._interruptible and self._drive_task is not None:
+                    self._drive_task.cancel()
+                return
+
+    def _check_abort(self) -> None:
+        if self._abort_actor is not None:
+            raise RunAborted(self._abort_actor)
+
+    # -- notifications ----------------------------------------------------
+
+    async def _emit(self, event_type: str, run_id: str, plan: Plan, *, step: Step | None = None,
+                    phase: int | None = None, data: dict | None = None) -> None:
+        event = RunEvent(type=event_type, run_id=run_id, plan=plan, step=step, phase=phase, data=data or {})
+        for notifier in self.notifiers:
+            try:
+                await notifier.notify(event)
+            except PostmergeError:
+                raise
+            except Exception:  # noqa: BLE001 - a broken notifier must never stop a run
+                log.warning("notifier failed", exc_info=True, extra={"run_id": run_id, "event": event_type})
+
+    def _output_line(self, run_id: str, step: Step, line: str) -> None:
+        for notifier in self.notifiers:
+            try:
+                notifier.output_line(run_id, step, line)
+            except Exception:  # noqa: BLE001 - a broken notifier must never stop a run
+                log.debug("output notifier failed", exc_info=True)
+
+
+def _uncancel() -> None:
+    # The abort was handled here, so later awaits of this task must not see it again.
+    task = asyncio.current_task()
+    if task is not None:
+        task.uncancel()
+
+
+def _replace(record: StepRecord, **values) -> StepRecord:
+    from dataclasses import replace
+
+    return replace(record, **values)
+
+
+def _format_seconds(seconds: float) -> str:
+    return f"{seconds:g}"

@@ -1,0 +1,270 @@
+"""The local sandbox, a stand-in for production that runs the api-v2-migration runbook for real.
+
+`up` creates a PostgreSQL database whose api_endpoints table holds v1 rows,
+a working directory with the npm scripts the runbook names, and a v2 API
+service on 127.0.0.1. `sandbox_environment` returns the environment that
+points a run at them.
+
+bot.config imports this module on every CLI start, so asyncpg and aiohttp
+are imported only inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from bot.errors import PostmergeError
+from bot.sandbox._state import (
+    KNOWN_SWITCHES,
+    STATE_FORMAT,
+    SandboxPaths,
+    SandboxSettings,
+    check_switch_name,
+    mask_url,
+    read_state,
+    read_switch_file,
+    write_json_atomic,
+    write_state,
+)
+
+if TYPE_CHECKING:
+    from bot.config import Environment
+
+__all__ = [
+    "KNOWN_SWITCHES",
+    "down",
+    "read_switches",
+    "sandbox_environment",
+    "sandbox_status",
+    "set_switch",
+    "up",
+]
+
+logger = logging.getLogger(__name__)
+
+# The production API base URL that the runbook's curl lines use.
+PRODUCTION_API_URL = "https://api.example.com"
+
+
+def sandbox_environment(home: Path) -> Environment | None:
+    """Return the sandbox environment if a sandbox was set up under home, else None.
+
+    A state file that cannot be read is logged and treated as no sandbox, so
+    that every other CLI command still works. `up` and `sandbox_status`
+    report it as an error.
+    """
+    paths = SandboxPaths.under(home)
+    try:
+        state = read_state(paths)
+    except PostmergeError as error:
+        logger.warning("ignoring the sandbox under %s: %s", paths.root, error)
+        return None
+    if state is None:
+        return None
+    return _environment_from_state(paths, state)
+
+
+async def up(home: Path, *, reset: bool = False) -> dict[str, Any]:
+    """Create whatever the sandbox is missing and start the v2 service if it is not running.
+
+    Repeating `up` changes nothing that exists. With reset, the database is
+    re-seeded and the working directory files are rewritten. Returns the
+    saved state plus "changes", the list of what this call did.
+    """
+    from bot.sandbox import _database, _process, _workdir
+
+    paths = SandboxPaths.under(home)
+    previous = read_state(paths)
+    if previous is None:
+        settings = SandboxSettings.from_environment()
+    else:
+        settings = SandboxSettings.from_state(previous)
+        _warn_if_environment_differs(settings)
+    python = sys.executable
+
+    changes = await _database.ensure_database(settings, reset=reset)
+    changes += _workdir.ensure_workdir(paths.work, python, reset=reset)
+
+    now = _now()
+    previous = previous or {}
+    last_service = previous.get("service") or {}
+    state: dict[str, Any] = {
+        "format": STATE_FORMAT,
+        "admin_url": settings.admin_url,
+        "database": settings.database,
+        "database_url": settings.database_url,
+        "rows": settings.rows,
+        "workdir": str(paths.work),
+        "python": python,
+        "created_at": previous.get("created_at", now),
+        "seeded_at": now if "seeded" in changes else previous.get("seeded_at", now),
+        "service": last_service,
+    }
+    # From here on the sandbox counts as set up, even if the service fails to start.
+    write_state(paths, state)
+
+    pid = last_service.get("pid")
+    port = last_service.get("port")
+    running = bool(pid) and _process.is_service_process(pid, paths)
+    if running and not await _process.check_health(port):
+        logger.warning("sandbox v2 service pid %d does not answer /v2/health, restarting it", pid)
+        await _process.stop_service(pid, paths)
+        running = False
+
+    if not running:
+        state["service"] = {"pid": None, "port": port, "log": str(paths.service_log)}
+        write_state(paths, state)
+        service = await _process.start_service(paths, python, port)
+        state["service"] = {
+            "pid": service.pid,
+            "port": service.port,
+            "url": service.url,
+            "started_at": _now(),
+            "log": str(paths.service_log),
+        }
+        write_state(paths, state)
+        changes.append("service_started")
+
+    logger.info("sandbox under %s is up, changes: %s", paths.root, ", ".join(changes) or "none")
+    return {**state, "changes": changes}
+
+
+async def down(home: Path, *, purge: bool = False) -> None:
+    """Stop the v2 service. With purge, also drop the database and remove the sandbox folder.
+
+    Safe to call when nothing runs or nothing was ever set up. A purge with an
+    unreadable state file drops the database named by the process
+    environment (POSTMERGE_SANDBOX_DB), which is the one `up` would have created.
+    """
+    from bot.sandbox import _database, _process
+
+    paths = SandboxPaths.under(home)
+    try:
+        state = read_state(paths)
+    except PostmergeError:
+        if not purge:
+            raise
+        state = None
+
+    if state is not None:
+        service = state.get("service") or {}
+        pid = service.get("pid")
+        if pid:
+            await _process.stop_service(pid, paths)
+        paths.port_file.unlink(missing_ok=True)
+        state["service"] = {**service, "pid": None, "stopped_at": _now()}
+        if not purge:
+            write_state(paths, state)
+
+    if not purge:
+        return
+
+    if state is not None:
+        await _database.drop_database(SandboxSettings.from_state(state))
+    elif paths.root.exists():
+        await _database.drop_database(SandboxSettings.from_environment())
+    shutil.rmtree(paths.root, ignore_errors=True)
+    logger.info("purged the sandbox under %s", paths.root)
+
+
+def set_switch(home: Path, name: str, enabled: bool) -> None:
+    """Turn a fault switch on or off. The scripts read the switches on every run."""
+    check_switch_name(name)
+    paths = SandboxPaths.under(home)
+    if read_state(paths) is None:
+        raise PostmergeError("sandbox.not_set_up", path=str(paths.root))
+
+    switches = read_switch_file(paths.root)
+    switches[name] = enabled
+    write_json_atomic(paths.switches_file, switches)
+    logger.info("sandbox switch %s turned %s", name, "on" if enabled else "off")
+
+
+def read_switches(home: Path) -> dict[str, bool]:
+    """Return every known fault switch with its value; all are off in a new sandbox."""
+    return read_switch_file(SandboxPaths.under(home).root)
+
+
+def sandbox_status(home: Path) -> dict[str, Any]:
+    """Return what is set up and whether the service runs, without touching the database.
+
+    URLs have their password masked, because the result is meant for display.
+    """
+    from bot.sandbox import _process
+
+    paths = SandboxPaths.under(home)
+    state = read_state(paths)
+    if state is None:
+        return {"set_up": False, "path": str(paths.root)}
+
+    service = state.get("service") or {}
+    pid = service.get("pid")
+    running = bool(pid) and _process.is_service_process(pid, paths)
+    port = service.get("port")
+    return {
+        "set_up": True,
+        "path": str(paths.root),
+        "database": state["database"],
+        "database_url": mask_url(state["database_url"]),
+        "rows": state["rows"],
+        "workdir": state["workdir"],
+        "created_at": state.get("created_at"),
+        "seeded_at": state.get("seeded_at"),
+        "service": {
+            "running": running,
+            "pid": pid if running else None,
+            "port": port,
+            "url": f"http://127.0.0.1:{port}" if port else None,
+            "log": service.get("log"),
+        },
+        "switches": read_switch_file(paths.root),
+    }
+
+
+def _environment_from_state(paths: SandboxPaths, state: dict[str, Any]) -> Environment:
+    from bot.config import SANDBOX, Environment
+    from bot.sandbox._workdir import script_command
+
+    port = (state.get("service") or {}).get("port")
+    url_rewrites = {PRODUCTION_API_URL: f"http://127.0.0.1:{port}"} if port else {}
+    return Environment(
+        name=SANDBOX,
+        protected=False,
+        workdir=Path(state["workdir"]),
+        url_rewrites=url_rewrites,
+        database_url=state["database_url"],
+        variables={
+            "SANDBOX_DATABASE_URL": state["database_url"],
+            "SANDBOX_DIR": str(paths.root),
+            # npm checks the registry for a newer npm unless told not to.
+            "NPM_CONFIG_UPDATE_NOTIFIER": "false",
+        },
+        env_files=[".env.production"],
+        commands={"pg_restore": script_command(state["python"], "restore")},
+        writeback=True,
+    )
+
+
+def _warn_if_environment_differs(saved: SandboxSettings) -> None:
+    for variable, value in (
+        ("POSTMERGE_SANDBOX_PG_URL", saved.admin_url),
+        ("POSTMERGE_SANDBOX_DB", saved.database),
+        ("POSTMERGE_SANDBOX_ROWS", str(saved.rows)),
+    ):
+        current = os.environ.get(variable)
+        if current is not None and current.strip() != value:
+            logger.warning(
+                "%s differs from the existing sandbox, which keeps %s; purge the sandbox to change it",
+                variable,
+                mask_url(value) if variable.endswith("_URL") else value,
+            )
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

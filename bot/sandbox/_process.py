@@ -1,0 +1,187 @@
+"""Start, find and stop the detached v2 service process."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bot.errors import PostmergeError
+from bot.sandbox._state import SandboxPaths
+
+logger = logging.getLogger(__name__)
+
+SERVICE_MODULE = "bot.sandbox.service"
+HOST = "127.0.0.1"
+START_TIMEOUT_SECONDS = 20.0
+STOP_GRACE_SECONDS = 5.0
+POLL_SECONDS = 0.05
+
+
+@dataclass(frozen=True)
+class ServiceProcess:
+    pid: int
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+
+def is_service_process(pid: int, paths: SandboxPaths) -> bool:
+    """Return whether pid is a live v2 service started for this sandbox.
+
+    The command line must name the service module and this sandbox's port
+    file, so a recycled pid is never mistaken for the service.
+    """
+    if not _is_alive(pid):
+        return False
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        # NOTE: without a readable /proc (macOS, for example) the command
+        # line cannot be checked, so any live process with this pid counts.
+        return True
+    arguments = raw.decode("utf-8", "replace").split("\0")
+    return SERVICE_MODULE in arguments and str(paths.port_file) in arguments
+
+
+async def start_service(paths: SandboxPaths, python: str, preferred_port: int | None) -> ServiceProcess:
+    """Start the service in its own session and wait until /v2/health answers.
+
+    Tries preferred_port first, so the URL stays the same across restarts,
+    and falls back to a free port when that one is taken.
+    """
+    ports = [preferred_port, 0] if preferred_port else [0]
+    for port in ports:
+        pid = _spawn(paths, python, port)
+        try:
+            bound_port = await _wait_until_healthy(paths, pid)
+        except _ExitedEarly:
+            if port != 0:
+                logger.info("v2 service could not use port %d, retrying on a free port", port)
+                continue
+            raise PostmergeError("sandbox.service_start_failed", log=str(paths.service_log)) from None
+        except BaseException:
+            await stop_service(pid, paths)
+            raise
+        logger.info("started sandbox v2 service pid %d on port %d", pid, bound_port)
+        return ServiceProcess(pid=pid, port=bound_port)
+
+    raise PostmergeError("sandbox.service_start_failed", log=str(paths.service_log))
+
+
+async def stop_service(pid: int, paths: SandboxPaths) -> bool:
+    """Stop the service with SIGTERM, then SIGKILL after a grace period. Returns whether it was running."""
+    if not is_service_process(pid, paths):
+        return False
+
+    for signum, wait_seconds in ((signal.SIGTERM, STOP_GRACE_SECONDS), (signal.SIGKILL, STOP_GRACE_SECONDS)):
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + wait_seconds
+        while time.monotonic() < deadline:
+            if not _is_alive(pid):
+                logger.info("stopped sandbox v2 service pid %d with %s", pid, signum.name)
+                return True
+            await asyncio.sleep(POLL_SECONDS)
+        logger.warning("sandbox v2 service pid %d still running %.0f s after %s", pid, wait_seconds, signum.name)
+
+    return True
+
+
+async def check_health(port: int, timeout_seconds: float = 2.0) -> bool:
+    """Return whether GET /v2/health on the port answers 200 with status ok."""
+    import aiohttp
+
+    timeout = aiohttp.ClientTimeout(total=timeout_seconds)
+    try:
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            async with session.get(f"http://{HOST}:{port}/v2/health") as response:
+                if response.status != 200:
+                    return False
+                body = await response.json(content_type=None)
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+        return False
+    return isinstance(body, dict) and body.get("status") == "ok"
+
+
+class _ExitedEarly(Exception):
+    pass
+
+
+def _spawn(paths: SandboxPaths, python: str, port: int) -> int:
+    paths.port_file.unlink(missing_ok=True)
+    argv = [python, "-m", SERVICE_MODULE, "--port", str(port), "--port-file", str(paths.port_file)]
+    environment = dict(os.environ, PYTHONUNBUFFERED="1")
+    # posix_spawn returns a bare pid: unlike subprocess.Popen it leaves no
+    # object behind that warns when the caller exits before the service.
+    pid = os.posix_spawn(
+        python,
+        argv,
+        environment,
+        file_actions=[
+            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_OPEN, 1, str(paths.service_log), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644),
+            (os.POSIX_SPAWN_DUP2, 1, 2),
+        ],
+        setsid=True,
+    )
+    logger.debug("spawned %s", " ".join(argv))
+    return pid
+
+
+async def _wait_until_healthy(paths: SandboxPaths, pid: int) -> int:
+    deadline = time.monotonic() + START_TIMEOUT_SECONDS
+    while time.monotonic() < deadline:
+        if not _is_alive(pid):
+            raise _ExitedEarly()
+        port = _read_port(paths.port_file)
+        if port is not None and await check_health(port, timeout_seconds=1.0):
+            return port
+        await asyncio.sleep(POLL_SECONDS * 2)
+
+    raise PostmergeError(
+        "sandbox.service_start_timeout", seconds=int(START_TIMEOUT_SECONDS), log=str(paths.service_log)
+    )
+
+
+def _read_port(port_file: Path) -> int | None:
+    try:
+        return int(port_file.read_text(encoding="utf-8").strip())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _is_alive(pid: int) -> bool:
+    """Return whether pid runs, reaping it first when it is an exited child of this process."""
+    try:
+        reaped, _ = os.waitpid(pid, os.WNOHANG)
+        if reaped == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return not _is_zombie(pid)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    # The state letter follows the parenthesised command name, which may contain spaces.
+    return stat.rpartition(")")[2].split()[:1] == ["Z"]

@@ -1,0 +1,5 @@
+"""Durable storage of runs: SQLite by default, PostgreSQL by URL."""
+
+from storage.store import ACTIVE_STATUSES, TERMINAL_STATUSES, RunRecord, StepRecord, Store, owner_id
+
+__all__ = ["ACTIVE_STATUSES", "TERMINAL_STATUSES", "RunRecord", "StepRecord", "Store", "owner_id"]

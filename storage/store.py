@@ -1,0 +1,461 @@
+"""The run store: runs, their steps, an append-only event log, approvals and locks.
+
+Every state change is one transaction that updates a row and appends the
+event announcing it, committed before the engine acts on it.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import and_, delete, event, func, insert, or_, select, text, update
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from bot.errors import RunConflict, RunNotFound, StoreError
+from storage.schema import approvals, events, run_locks, run_steps, runs
+
+HEAD_REVISION = "0001"
+MIGRATIONS = Path(__file__).parent / "migrations"
+ACTIVE_STATUSES = ("pending", "running", "waiting", "paused")
+TERMINAL_STATUSES = ("completed", "failed", "aborted", "rolled_back")
+# A run whose owner has not written a heartbeat for this long may be taken over.
+LEASE_SECONDS = 30.0
+
+
+def owner_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _owner_alive(owner: str | None) -> bool:
+    """Return whether owner is a live process; owners on other hosts count as alive."""
+    if not owner:
+        return False
+    host, _, pid_text = owner.rpartition(":")
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(int(pid_text), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass
+class RunRecord:
+    id: str
+    kind: str
+    parent_run_id: str | None
+    runbook: str
+    runbook_path: str
+    environment: str
+    status: str
+    plan: dict
+    started_by: str | None
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    current_phase: int | None
+    failed_phase: int | None
+    failed_step: str | None
+    error: str | None
+    abort_requested_by: str | None
+    owner: str | None
+    heartbeat_at: float | None
+    options: dict = field(default_factory=dict)
+
+    @property
+    def active(self) -> bool:
+        return self.status in ACTIVE_STATUSES
+
+
+@dataclass
+class StepRecord:
+    run_id: str
+    step_id: str
+    position: int
+    phase: int | None
+    kind: str
+    title: str
+    status: str
+    attempt: int
+    started_at: float | None
+    finished_at: float | None
+    exit_code: int | None
+    output: str | None
+    error: str | None
+    data: dict
+    decided_by: str | None
+
+
+class Store:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    # -- lifecycle --------------------------------------------------------
+
+    @classmethod
+    async def open(cls, url: str) -> Store:
+        """Connect, tune SQLite for a local file, and migrate the schema to the head."""
+        if url.startswith("sqlite"):
+            database = url.split("///", 1)[-1]
+            if database and database != ":memory:":
+                Path(database).parent.mkdir(parents=True, exist_ok=True)
+            engine = create_async_engine(url, connect_args={"timeout": 30})
+            event.listen(engine.sync_engine, "connect", _tune_sqlite)
+        else:
+            engine = create_async_engine(url, pool_size=5, max_overflow=5, pool_pre_ping=True)
+        store = cls(engine)
+        try:
+            await store.migrate()
+        except (OSError, SQLAlchemyError) as error:
+            await engine.dispose()
+            raise StoreError("store.unavailable", url=_safe_url(url), error=_first_line(error)) from None
+        return store
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    async def migrate(self) -> None:
+        async with self.engine.connect() as connection:
+            try:
+                result = await connection.execute(text("SELECT version_num FROM alembic_version"))
+                current = result.scalar()
+            except (OperationalError, SQLAlchemyError):
+                current = None
+            await connection.rollback()
+        if current == HEAD_REVISION:
+            return
+        async with self.engine.begin() as connection:
+            await connection.run_sync(_upgrade)
+
+    # -- runs -------------------------------------------------------------
+
+    async def create_run(
+        self,
+        plan: dict,
+        steps: list[dict],
+        *,
+        runbook: str,
+        runbook_path: str,
+        environment: str,
+        started_by: str | None,
+        kind: str = "run",
+        parent_run_id: str | None = None,
+        options: dict | None = None,
+        lock: bool = True,
+    ) -> str:
+        """Insert a pending run, its steps and its lock; RunConflict if the lock is held."""
+        run_id = secrets.token_hex(4)
+        now = time.time()
+        try:
+            async with self.engine.begin() as connection:
+                await connection.execute(
+                    insert(runs).values(
+                        id=run_id,
+                        kind=kind,
+                        parent_run_id=parent_run_id,
+                        runbook=runbook,
+                        runbook_path=runbook_path,
+                        environment=environment,
+                        status="pending",
+                        plan=plan,
+                        started_by=started_by,
+                        created_at=now,
+                        options=options or {},
+                    )
+                )
+                if steps:
+                    await connection.execute(
+                        insert(run_steps),
+                        [
+                            dict(
+                                run_id=run_id,
+                                step_id=step["id"],
+                                position=index,
+                                phase=step.get("phase"),
+                                kind=step["kind"],
+                                title=step["title"],
+                                status="pending",
+                                attempt=0,
+                                data={},
+                            )
+                            for index, step in enumerate(steps)
+                        ],
+                    )
+                if lock:
+                    await connection.execute(
+                        insert(run_locks).values(runbook=runbook, environment=environment, run_id=run_id, created_at=now)
+                    )
+                await self._event(connection, run_id, "run.created", actor=started_by, data={"kind": kind})
+        except IntegrityError:
+            holder = await self.lock_holder(runbook, environment)
+            raise RunConflict(
+                "store.run_conflict", runbook=runbook, environment=environment, run_id=holder or "?"
+            ) from None
+        return run_id
+
+    async def lock_holder(self, runbook: str, environment: str) -> str | None:
+        async with self.engine.connect() as connection:
+            result = await connection.execute(
+                select(run_locks.c.run_id).where(
+                    and_(run_locks.c.runbook == runbook, run_locks.c.environment == environment)
+                )
+            )
+            return result.scalar()
+
+    async def take_lock(self, run_id: str) -> None:
+        """Take the runbook lock again for a run that is being resumed or rolled back."""
+        run = await self.get_run(run_id)
+        try:
+            async with self.engine.begin() as connection:
+                await connection.execute(
+                    insert(run_locks).values(
+                        runbook=run.runbook, environment=run.environment, run_id=run_id, created_at=time.time()
+                    )
+                )
+        except IntegrityError:
+            holder = await self.lock_holder(run.runbook, run.environment)
+            if holder != run_id:
+                raise RunConflict(
+                    "store.run_conflict", runbook=run.runbook, environment=run.environment, run_id=holder or "?"
+                ) from None
+
+    async def get_run(self, run_id: str) -> RunRecord:
+        """Return a run by id or by a unique id prefix."""
+        async with self.engine.connect() as connection:
+            result = await connection.execute(select(runs).where(runs.c.id.startswith(run_id, autoescape=True)).limit(2))
+            rows = result.mappings().all()
+        if not rows:
+            raise RunNotFound("store.run_not_found", run_id=run_id)
+        if len(rows) > 1 and rows[0]["id"] != run_id:
+            raise RunNotFound("store.run_ambiguous", run_id=run_id)
+        return RunRecord(**rows[0])
+
+    async def list_runs(self, *, active_only: bool = False, limit: int = 50) -> list[RunRecord]:
+        query = select(runs).order_by(runs.c.created_at.desc()).limit(limit)
+        if active_only:
+            query = query.where(runs.c.status.in_(ACTIVE_STATUSES))
+        async with self.engine.connect() as connection:
+            result = await connection.execute(query)
+            return [RunRecord(**row) for row in result.mappings().all()]
+
+    async def update_run(self, run_id: str, *, event_type: str | None = None, actor: str | None = None,
+                         event_data: dict | None = None, **values: Any) -> None:
+        async with self.engine.begin() as connection:
+            if values:
+                await connection.execute(update(runs).where(runs.c.id == run_id).values(**values))
+            if values.get("status") in TERMINAL_STATUSES:
+                await connection.execute(delete(run_locks).where(run_locks.c.run_id == run_id))
+            if event_type:
+                await self._event(connection, run_id, event_type, actor=actor, data=event_data)
+
+    async def request_abort(self, run_id: str, actor: str) -> bool:
+        """Record an abort request once; return False if the run is no longer active."""
+        async with self.engine.begin() as connection:
+            result = await connection.execute(
+                update(runs)
+                .where(and_(runs.c.id == run_id, runs.c.status.in_(ACTIVE_STATUSES), runs.c.abort_requested_by.is_(None)))
+                .values(abort_requested_by=actor)
+            )
+            if result.rowcount:
+                await self._event(connection, run_id, "run.abort_requested", actor=actor)
+            return bool(result.rowcount)
+
+    async def abort_requested(self, run_id: str) -> str | None:
+        async with self.engine.connect() as connection:
+            result = await connection.execute(select(runs.c.abort_requested_by).where(runs.c.id == run_id))
+            return result.scalar()
+
+    # -- leases -----------------------------------------------------------
+
+    async def claim(self, run_id: str, owner: str) -> bool:
+        """Take ownership of a run whose owner is gone or whose lease expired."""
+        run = await self.get_run(run_id)
+        now = time.time()
+        if run.owner and run.owner != owner:
+            expired = run.heartbeat_at is None or now - run.heartbeat_at > LEASE_SECONDS
+            if not expired and _owner_alive(run.owner):
+                return False
+        async with self.engine.begin() as connection:
+            condition = runs.c.owner.is_(None) if run.owner is None else runs.c.owner == run.owner
+            result = await connection.execute(
+                update(runs).where(and_(runs.c.id == run.id, condition)).values(owner=owner, heartbeat_at=now)
+            )
+            if result.rowcount:
+                await self._event(connection, run.id, "run.claimed", actor=owner, data={"previous_owner": run.owner})
+            return bool(result.rowcount)
+
+    async def heartbeat(self, run_id: str, owner: str) -> None:
+        async with self.engine.begin() as connection:
+            await connection.execute(
+                update(runs).where(and_(runs.c.id == run_id, runs.c.owner == owner)).values(heartbeat_at=time.time())
+            )
+
+    async def release(self, run_id: str, owner: str) -> None:
+        async with self.engine.begin() as connection:
+            await connection.execute(
+                update(runs).where(and_(runs.c.id == run_id, runs.c.owner == owner)).values(owner=None)
+            )
+
+    # -- steps ------------------------------------------------------------
+
+    async def steps(self, run_id: str) -> list[StepRecord]:
+        async with self.engine.connect() as connection:
+            result = await connection.execute(
+                select(run_steps).where(run_steps.c.run_id == run_id).order_by(run_steps.c.position)
+            )
+            return [StepRecord(**row) for row in result.mappings().all()]
+
+    async def update_step(self, run_id: str, step_id: str, *, event_type: str, actor: str | None = None,
+                          event_data: dict | None = None, run_values: dict | None = None, **values: Any) -> None:
+        """Change a step (and optionally its run) and append the event, in one transaction."""
+        async with self.engine.begin() as connection:
+            await connection.execute(
+                update(run_steps)
+                .where(and_(run_steps.c.run_id == run_id, run_steps.c.step_id == step_id))
+                .values(**values)
+            )
+            if run_values:
+                await connection.execute(update(runs).where(runs.c.id == run_id).values(**run_values))
+            await self._event(connection, run_id, event_type, step_id=step_id, actor=actor, data=event_data)
+
+    async def checkpoint_step(self, run_id: str, step_id: str, data: dict) -> None:
+        async with self.engine.begin() as connection:
+            await connection.execute(
+                update(run_steps)
+                .where(and_(run_steps.c.run_id == run_id, run_steps.c.step_id == step_id))
+                .values(data=data)
+            )
+
+    # -- approvals --------------------------------------------------------
+
+    async def request_decision(self, run_id: str, step_id: str, attempt: int, kind: str) -> int:
+        """Create the pending decision for a gate, or return the one that exists."""
+        async with self.engine.begin() as connection:
+            existing = await connection.execute(
+                select(approvals.c.id).where(
+                    and_(
+                        approvals.c.run_id == run_id,
+                        approvals.c.step_id == step_id,
+                        approvals.c.attempt == attempt,
+                        approvals.c.kind == kind,
+                    )
+                )
+            )
+            found = existing.scalar()
+            if found is not None:
+                return found
+            result = await connection.execute(
+                insert(approvals).values(
+                    run_id=run_id, step_id=step_id, attempt=attempt, kind=kind, requested_at=time.time()
+                )
+            )
+            await self._event(connection, run_id, f"{kind}.requested", step_id=step_id)
+            return result.inserted_primary_key[0]
+
+    async def decide(self, approval_id: int, decision: str, actor: str) -> tuple[bool, dict]:
+        """Record a decision exactly once; return whether this call decided, and the decision row."""
+        async with self.engine.begin() as connection:
+            result = await connection.execute(
+                update(approvals)
+                .where(and_(approvals.c.id == approval_id, approvals.c.decision.is_(None)))
+                .values(decision=decision, decided_by=actor, decided_at=time.time())
+            )
+            row = (await connection.execute(select(approvals).where(approvals.c.id == approval_id))).mappings().one()
+            if result.rowcount:
+                await self._event(
+                    connection, row["run_id"], f"{row['kind']}.decided", step_id=row["step_id"], actor=actor,
+                    data={"decision": decision},
+                )
+            return bool(result.rowcount), dict(row)
+
+    async def get_decision(self, approval_id: int) -> dict:
+        async with self.engine.connect() as connection:
+            row = (await connection.execute(select(approvals).where(approvals.c.id == approval_id))).mappings().one()
+            return dict(row)
+
+    # -- events -----------------------------------------------------------
+
+    async def append_event(self, run_id: str, event_type: str, *, step_id: str | None = None,
+                           actor: str | None = None, data: dict | None = None) -> None:
+        async with self.engine.begin() as connection:
+            await self._event(connection, run_id, event_type, step_id=step_id, actor=actor, data=data)
+
+    async def events(self, run_id: str) -> list[dict]:
+        async with self.engine.connect() as connection:
+            result = await connection.execute(select(events).where(events.c.run_id == run_id).order_by(events.c.id))
+            return [dict(row) for row in result.mappings().all()]
+
+    async def count_events(self, run_id: str) -> int:
+        async with self.engine.connect() as connection:
+            result = await connection.execute(select(func.count()).select_from(events).where(events.c.run_id == run_id))
+            return int(result.scalar() or 0)
+
+    @staticmethod
+    async def _event(connection: AsyncConnection, run_id: str, event_type: str, *, step_id: str | None = None,
+                     actor: str | None = None, data: dict | None = None) -> None:
+        await connection.execute(
+            insert(events).values(
+                run_id=run_id, step_id=step_id, type=event_type, actor=actor, data=data or {}, created_at=time.time()
+            )
+        )
+
+    async def runs_needing_owner(self) -> list[RunRecord]:
+        """Return active runs whose owner is gone, for a bot that restarts."""
+        now = time.time()
+        async with self.engine.connect() as connection:
+            result = await connection.execute(
+                select(runs).where(
+                    and_(
+                        runs.c.status.in_(ACTIVE_STATUSES),
+                        or_(runs.c.owner.is_(None), runs.c.heartbeat_at < now - LEASE_SECONDS),
+                    )
+                )
+            )
+            return [RunRecord(**row) for row in result.mappings().all()]
+
+
+def _tune_sqlite(dbapi_connection, _record) -> None:
+    # WAL with synchronous=NORMAL keeps every committed transaction across a
+    # process crash (the case the engine must survive) and skips the fsync
+    # per commit; a power loss may drop the last commits.
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def _upgrade(sync_connection) -> None:
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.attributes["connection"] = sync_connection
+    command.upgrade(config, "head")
+
+
+def _safe_url(url: str) -> str:
+    """Hide the password of a database URL before it is shown."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - an unparsable URL is shown as a placeholder
+        return "<invalid database URL>"
+
+
+def _first_line(error: BaseException) -> str:
+    message = str(getattr(error, "orig", None) or error)
+    return message.splitlines()[0] if message else type(error).__name__
