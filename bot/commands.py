@@ -179,10 +179,15 @@ async def run_async_command(args: argparse.Namespace, console: Console, locale: 
 
     from storage import Store
 
+    prepared = None
+    if args.command == "run":
+        # Check the runbook before the store is opened, so an unsound one leaves nothing behind.
+        prepared = _prepare_run(args, console, locale, settings)
+
     store = await Store.open(settings.store_url(args.db))
     try:
-        if args.command == "run":
-            return await run_command(args, console, locale, settings, store)
+        if prepared is not None:
+            return await run_command(args, console, locale, settings, store, prepared)
         if args.command == "status":
             return await status_command(args, console, locale, store)
         if args.command == "resume":
@@ -223,15 +228,21 @@ def _engine(settings: Settings, store, environment: Environment, locale: str, co
                   on_interrupted=on_interrupted)
 
 
-async def run_command(args, console: Console, locale: str, settings: Settings, store) -> int:
-    from bot.terminal import terminal_actor
-
+def _prepare_run(args, console: Console, locale: str, settings: Settings) -> tuple[Environment, Runbook, Plan]:
     environment = resolve_environment(settings, args.env)
     if args.yes and environment.protected:
         raise UsageError("cli.yes_protected", environment=environment.name)
     runbook, plan, problems = load_and_plan(args.file, environment)
     _refuse_unsound(console, args.file, problems, locale)
     plan.runbook_path = str(args.file.resolve())
+    return environment, runbook, plan
+
+
+async def run_command(args, console: Console, locale: str, settings: Settings, store,
+                      prepared: tuple[Environment, Runbook, Plan]) -> int:
+    from bot.terminal import terminal_actor
+
+    environment, runbook, plan = prepared
     engine = _engine(settings, store, environment, locale, console, yes=args.yes, runbook_path=args.file.resolve(),
                      language=runbook.language)
     run_id = await engine.start(plan, started_by=terminal_actor())

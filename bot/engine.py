@@ -39,6 +39,10 @@ class RunAborted(Exception):
         self.actor = actor
 
 
+class RunPaused(Exception):
+    """A gate got no answer (no terminal, or --yes for a question it may not answer)."""
+
+
 class StepFailed(Exception):
     def __init__(self, status: str, message: str) -> None:
         super().__init__(message)
@@ -149,10 +153,10 @@ class Engine:
         if run.status == "pending":
             await self.store.update_run(run.id, status="running", started_at=now, owner=self.owner,
                                         event_type="run.started", actor=run.started_by)
-            await self._emit("run.started", run.id, plan)
+            await self._emit("run.started", run.id, plan, data={"kind": run.kind})
         else:
             await self.store.update_run(run.id, status="running", event_type="run.resumed", actor=self.actor)
-            await self._emit("run.resumed", run.id, plan)
+            await self._emit("run.resumed", run.id, plan, data={"kind": run.kind})
 
         records = {record.step_id: record for record in await self.store.steps(run.id)}
         progress = _Progress()
@@ -180,6 +184,10 @@ class Engine:
                 records[step_id] = record
             if current_phase is not None:
                 await self._finish_phase(run, plan, current_phase, records)
+        except RunPaused:
+            await self.store.update_run(run.id, status="paused", event_type="run.paused")
+            await self._emit("run.paused", run.id, plan, data={"kind": run.kind})
+            return RunOutcome(run_id=run.id, status="paused")
         except RunAborted as aborted:
             return await self._finish_run(run, plan, "aborted", error=translate(
                 "engine.aborted_by", self.locale, actor=aborted.actor))
@@ -342,6 +350,8 @@ class Engine:
             raise RunAborted(self._abort_actor) from None
         finally:
             self._interruptible = False
+        if answer.decision == "defer":
+            raise RunPaused()
         won, row = await self.store.decide(approval_id, answer.decision, answer.actor)
         if not won:
             return GateAnswer(row["decision"], row["decided_by"])

@@ -202,7 +202,9 @@ class RunbookParser:
         for section_name, category_name, nodes in blocks:
             self._read_block(section_name, category_name, nodes)
 
-        if not h1_seen and "tasks" not in sections_seen:
+        title_ok = h1_seen and not any(problem.key == "lint.bad_title" for problem in self.problems)
+        if not title_ok and "tasks" not in sections_seen:
+            self.problems = [problem for problem in self.problems if problem.key != "lint.bad_title"]
             self.error(1, "lint.not_a_runbook")
         elif not h1_seen:
             self.warning(1, "lint.missing_title", name=self.runbook.name)

@@ -213,8 +213,8 @@ class TerminalInteraction:
             try:
                 raw = input()
             except EOFError:
-                self.console.print(Text(t("gate.no_input")), style="red")
-                return GateAnswer("abort", terminal_actor())
+                self.console.print(Text(t("gate.no_input", run_id=request.run_id)), style="red")
+                return GateAnswer("defer", terminal_actor())
             choice = keys.get(raw.strip().lower())
             if choice is not None:
                 return GateAnswer(choice, terminal_actor())
@@ -234,7 +234,7 @@ class AutoInteraction:
             # A step that may have had effects is never repeated without a person.
             self.console.print(Text(translate("gate.interrupted_needs_person", self.locale,
                                               step_id=request.step.id, run_id=request.run_id)), style="red")
-            return GateAnswer("abort", self.actor)
+            return GateAnswer("defer", self.actor)
         decision = "approved" if request.kind == "approval" else "done"
         self.console.print(Text(translate(f"gate.auto_{request.kind}", self.locale, step_id=request.step.id,
                                           title=request.step.title)), style="dim", highlight=False)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from bot.gates import RunEvent
 from bot.i18n import translate
-from bot.plan import Plan, Step
+from bot.plan import Step
 
 _STATUS_LINE = re.compile(r"^(##\s*(?:Status|ステータス|状態)\s*[:：]\s*)(.*?)(\s*)$", re.I)
 _MERGE_LINE = re.compile(r"^(\s*[-*]\s*(?P<key>Merged|Completed|マージ日|完了日)\s*[:：]\s*)(?P<value>.*?)(\s*)$", re.I)
@@ -79,9 +79,12 @@ class RunbookWriteback:
 
     def _on_run_started(self, event: RunEvent) -> None:
         self.run_started = time.time()
-        if event.data.get("kind") == "rollback":
-            return
         stamp = _stamp()
+        if event.data.get("kind") == "rollback":
+            self._edit(lambda lines: _append_note(lines, stamp, self._t("writeback.note_rollback_started"),
+                                                  [self._t("writeback.started_detail", run_id=event.run_id,
+                                                           environment=event.plan.environment)]))
+            return
 
         def change(lines: list[str]) -> list[str]:
             lines = _set_status(lines, "in-progress")
@@ -227,7 +230,3 @@ def _append_note(lines: list[str], stamp: str, heading: str, details: list[str])
     if end < len(lines):
         block.append("")
     return lines[:insert_at] + block + lines[insert_at:]
-
-
-def plan_of(event: RunEvent) -> Plan:
-    return event.plan

@@ -67,7 +67,7 @@ class EnvExecutor(BaseExecutor):
             context.output.write(_change_line(key, value, previous.value if previous else None, path))
 
         # The previous values are stored before the file changes, so a repeat
-        # after an interruption still knows what the file held before the run.
+        # after an interruption still has the values from before the run.
         await context.save(data)
         new = _encode(text)
         if new != original:
@@ -90,7 +90,8 @@ class EnvExecutor(BaseExecutor):
             if data.get("existed"):
                 raise StepError("env.rollback_file_missing", file=str(path))
             context.output.write(f"{path} does not exist, so there is nothing to restore")
-            return StepResult(ok=True, summary=translate("env.rollback_summary", context.locale, count=0, file=str(path)))
+            summary = translate("env.rollback_summary", context.locale, count=0, file=str(path))
+            return StepResult(ok=True, summary=summary, data={"file": str(path), "restored": []})
 
         text = _decode(original)
         previous_lines: dict[str, str | None] = data.get("previous_lines") or {}
@@ -100,8 +101,8 @@ class EnvExecutor(BaseExecutor):
                 context.output.write(f"Removed {key} from {path}")
             else:
                 text = restore_variable(text, key, value, previous_lines.get(key), path)
-                shown = "***" if SECRET_KEY.search(key) else value
-                context.output.write(f"Restored {key}={shown} in {path}")
+                displayed = "***" if SECRET_KEY.search(key) else value
+                context.output.write(f"Restored {key}={displayed} in {path}")
         if data.get("added_newline"):
             text = LINE_END.sub("", text, count=1)
 
@@ -259,13 +260,13 @@ def _initial_data(context: StepContext, path: Path, existed: bool) -> dict[str, 
 
 def _change_line(key: str, value: str, previous: str | None, path: Path) -> str:
     secret = SECRET_KEY.search(key) is not None
-    shown = "***" if secret else value
+    displayed = "***" if secret else value
     if previous is None:
-        return f"Added {key}={shown} to {path}"
+        return f"Added {key}={displayed} to {path}"
     if previous == value:
-        return f"{key}={shown} is already set in {path}"
-    shown_previous = "***" if secret else previous
-    return f"Set {key}={shown} in {path} (was {shown_previous})"
+        return f"{key}={displayed} is already set in {path}"
+    displayed_previous = "***" if secret else previous
+    return f"Set {key}={displayed} in {path} (was {displayed_previous})"
 
 
 def _read(path: Path) -> bytes | None:
@@ -274,7 +275,7 @@ def _read(path: Path) -> bytes | None:
     except FileNotFoundError:
         return None
     except OSError as error:
-        raise StepError("env.read_failed", file=str(path), error=f"{type(error).__name__}: {error.strerror or error}") from None
+        raise StepError("env.read_failed", file=str(path), error=_os_error(error)) from None
 
 
 # Undecodable bytes survive a round trip as lone surrogates.

@@ -36,6 +36,10 @@ MAX_BACKOFF_SECONDS = 5.0
 # A retry is only worth making when at least this much of the step's time is
 # left for the request itself.
 MIN_ATTEMPT_SECONDS = 0.2
+# The engine cancels the step at its timeout, so the executor stops this much
+# earlier (at most 10% of the timeout) to raise its own error, which names the
+# attempts and the last result.
+FINISH_MARGIN_SECONDS = 0.25
 # The response body is written to the step output cut to this many characters.
 BODY_OUTPUT_CHARS = 2000
 
@@ -87,13 +91,14 @@ class HttpExecutor(BaseExecutor):
         url = step.target_url or context.environment.rewrite_url(step.url or "")
         method = request_method(step)
         if url != step.url and step.url:
-            context.output.write(f"{step.url} is sent to {url}")
+            context.output.write(f"Sending the request for {step.url} to {url}")
         for expectation in step.unchecked_expectations:
             context.output.write(f"Not checked automatically: {expectation}")
 
         loop = asyncio.get_running_loop()
         started = loop.time()
-        deadline = started + context.timeout_seconds
+        margin = min(FINISH_MARGIN_SECONDS, context.timeout_seconds * 0.1)
+        deadline = started + context.timeout_seconds - margin
         backoff = FIRST_BACKOFF_SECONDS
         attempts = 0
         last_body_written: str | None = None
@@ -183,7 +188,7 @@ class HttpExecutor(BaseExecutor):
 
     def _may_retry(self, method: str, outcome: Outcome) -> bool:
         # A request that is not safe to repeat is retried only when the server
-        # cannot have acted on it: the connection failed or it answered 429.
+        # cannot have acted on it: the connection failed or the server responded with 429.
         if method in REPEAT_SAFE_METHODS:
             return True
         return outcome.failure == "connect" or outcome.status == 429
@@ -298,8 +303,8 @@ def _attempt_line(method: str, url: str, outcome: Outcome, elapsed_ms: int) -> s
 def _write_body(context: StepContext, body: str) -> None:
     if not body:
         return
-    shown = body[:BODY_OUTPUT_CHARS]
-    for line in shown.splitlines():
+    head = body[:BODY_OUTPUT_CHARS]
+    for line in head.splitlines():
         context.output.write(line)
     if len(body) > BODY_OUTPUT_CHARS:
         context.output.write(f"... {len(body) - BODY_OUTPUT_CHARS} more characters not shown")

@@ -30,8 +30,19 @@ CURSOR_PREFETCH = 500
 # Maximum seconds to wait for the connection before the query, below the step's timeout.
 MAX_CONNECT_SECONDS = 30.0
 CLOSE_TIMEOUT_SECONDS = 5.0
+# The query ends this much (at most 10% of the timeout) before the step's timeout.
+FINISH_MARGIN_SECONDS = 0.25
 
 _SCHEMES = ("postgresql://", "postgres://", "postgresql+asyncpg://")
+
+
+def finish_margin(timeout_seconds: float) -> float:
+    """Return how long before the step's timeout the query must end.
+
+    The engine cancels the step at its timeout, so the executor stops a bit
+    earlier to raise its own error, which names the query.
+    """
+    return min(FINISH_MARGIN_SECONDS, timeout_seconds * 0.1)
 
 
 class SqlExecutor(BaseExecutor):
@@ -48,58 +59,53 @@ class SqlExecutor(BaseExecutor):
         if not query:
             raise StepError("sql.missing_query", step=step.id, title=step.title)
         dsn = _database_url(context)
-        shown_url = redact_url(dsn)
+        redacted_url = redact_url(dsn)
 
-        statement_timeout_ms = max(1, round(context.timeout_seconds * 1000))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + context.timeout_seconds - finish_margin(context.timeout_seconds)
         try:
             connection = await asyncpg.connect(
                 dsn,
-                timeout=min(context.timeout_seconds, MAX_CONNECT_SECONDS),
-                server_settings={
-                    "application_name": "postmerge",
-                    "default_transaction_read_only": "on",
-                    # The server stops the query by itself if the engine's
-                    # cancellation never reaches it.
-                    "statement_timeout": str(statement_timeout_ms),
-                },
+                timeout=max(min(deadline - loop.time(), MAX_CONNECT_SECONDS), 0.001),
+                server_settings={"application_name": "postmerge", "default_transaction_read_only": "on"},
             )
         except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
             raise StepError(
                 "sql.connection_failed",
-                url=shown_url,
+                url=redacted_url,
                 environment=context.environment.name,
                 query=query,
                 error=_describe_error(error),
             ) from None
 
-        loop = asyncio.get_running_loop()
+        query_params = {"query": query, "url": redacted_url}
         started = loop.time()
+        statement_timeout = max(deadline - started, 0.001)
         try:
-            columns, shown_rows, row_count = await _run_query(connection, query)
+            columns, first_rows, row_count = await _run_query(connection, query, statement_timeout)
         except asyncpg.ReadOnlySQLTransactionError as error:
-            raise StepError("sql.write_rejected", query=query, url=shown_url, error=_describe_error(error)) from None
+            raise StepError("sql.write_rejected", error=_describe_error(error), **query_params) from None
         except asyncpg.QueryCanceledError as error:
-            # The server cancels a query for other reasons too, such as
-            # pg_cancel_backend(), and only the elapsed time tells them apart
-            # from statement_timeout without parsing a translated message.
-            if loop.time() - started < context.timeout_seconds * 0.9:
-                raise StepError("sql.query_failed", query=query, url=shown_url, error=_describe_error(error)) from None
+            # The server also cancels a query on pg_cancel_backend(). The elapsed
+            # time distinguishes that from statement_timeout without parsing the
+            # message, which the server may have translated.
+            if loop.time() - started < statement_timeout * 0.9:
+                raise StepError("sql.query_failed", error=_describe_error(error), **query_params) from None
             raise StepError(
                 "sql.timed_out",
-                query=query,
-                url=shown_url,
                 timeout=context.timeout_seconds,
                 error=_describe_error(error),
+                **query_params,
             ) from None
         except (asyncpg.PostgresError, asyncpg.InterfaceError) as error:
-            raise StepError("sql.query_failed", query=query, url=shown_url, error=_describe_error(error)) from None
+            raise StepError("sql.query_failed", error=_describe_error(error), **query_params) from None
         finally:
             await _close(connection)
 
-        for line in format_table(columns, shown_rows):
+        for line in format_table(columns, first_rows):
             context.output.write(line)
-        if row_count > len(shown_rows):
-            context.output.write(f"... {row_count - len(shown_rows)} more rows not shown")
+        if row_count > len(first_rows):
+            context.output.write(f"... {row_count - len(first_rows)} more rows not shown")
         context.output.write(f"({row_count} rows)")
 
         summary = translate("sql.summary", context.locale, rows=row_count)
@@ -107,23 +113,26 @@ class SqlExecutor(BaseExecutor):
 
 
 async def _run_query(
-    connection: asyncpg.Connection, query: str
+    connection: asyncpg.Connection, query: str, statement_timeout: float
 ) -> tuple[list[str], list[tuple[Any, ...]], int]:
     """Run the query in a READ ONLY transaction and return its columns, first rows and row count."""
-    shown: list[tuple[Any, ...]] = []
+    first_rows: list[tuple[Any, ...]] = []
     count = 0
     async with connection.transaction(readonly=True):
+        # The server stops the query by itself, and the step reports that as
+        # sql.timed_out, before the engine's timeout cancels the whole step.
+        await connection.execute(f"SET LOCAL statement_timeout = {max(1, round(statement_timeout * 1000))}")
         statement = await connection.prepare(query)
         columns = [attribute.name for attribute in statement.get_attributes()]
         if not columns:
             # A statement that returns no rows, such as SET, cannot open a cursor.
             await statement.fetch()
-            return columns, shown, count
+            return columns, first_rows, count
         async for record in statement.cursor(prefetch=CURSOR_PREFETCH):
             count += 1
-            if len(shown) < MAX_OUTPUT_ROWS:
-                shown.append(tuple(record.values()))
-    return columns, shown, count
+            if len(first_rows) < MAX_OUTPUT_ROWS:
+                first_rows.append(tuple(record.values()))
+    return columns, first_rows, count
 
 
 async def _close(connection: asyncpg.Connection) -> None:
@@ -132,7 +141,7 @@ async def _close(connection: asyncpg.Connection) -> None:
     # this task is cancelled again meanwhile.
     try:
         await asyncio.shield(connection.close(timeout=CLOSE_TIMEOUT_SECONDS))
-    except Exception:  # noqa: BLE001 - close() aborts the connection on any error, which must not replace the query's error
+    except Exception:  # noqa: BLE001 - close() has aborted the connection, and its error must not replace the query's
         pass
 
 

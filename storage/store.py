@@ -41,12 +41,18 @@ def _owner_alive(owner: str | None) -> bool:
     if host != socket.gethostname():
         return True
     try:
-        os.kill(int(pid_text), 0)
+        pid = int(pid_text)
+        os.kill(pid, 0)
     except (ValueError, ProcessLookupError):
         return False
     except PermissionError:
         return True
-    return True
+    # A killed process that its parent has not reaped yet is a zombie: dead all the same.
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rpartition(")")[2].split()[:1] != ["Z"]
 
 
 @dataclass

@@ -151,8 +151,8 @@ async def test_env_repeat_keeps_original_previous(tmp_path: Path) -> None:
 
     first.checkpoint = checkpoint
     await EnvExecutor().execute(first)
-    # An interruption after the write: the repeat sees the new values in the
-    # file and only the checkpointed data of the first attempt.
+    # The first attempt was interrupted after its write, so the file already
+    # has the new values and the repeat gets only the checkpointed data.
     repeat = make_context(tmp_path, {"API_VERSION": "v2", "FEATURE_V2_RATE_LIMIT": "1000"}, previous_data=saved[0])
 
     result = await EnvExecutor().execute(repeat)

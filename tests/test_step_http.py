@@ -196,6 +196,16 @@ async def test_http_timeout_message(api: FakeApi, tmp_path: Path) -> None:
     assert "タイムアウト 1.0 秒" in error.render("ja")
 
 
+async def test_http_error_before_engine_timeout(api: FakeApi, tmp_path: Path) -> None:
+    context = make_context(http_step("/v2/slow"), api.base_url, tmp_path, timeout=1.0)
+
+    with pytest.raises(StepError) as caught:
+        async with asyncio.timeout(context.timeout_seconds):
+            await HttpExecutor().execute(context)
+
+    assert caught.value.key == "http.timed_out"
+
+
 async def test_http_connection_refused(tmp_path: Path) -> None:
     base_url = f"http://127.0.0.1:{closed_port()}"
     context = make_context(http_step("/v2/health"), base_url, tmp_path, timeout=1.5)

@@ -226,6 +226,16 @@ async def test_sql_statement_timeout(database_url: str, tmp_path: Path) -> None:
     assert caught.value.key == "sql.timed_out"
 
 
+async def test_sql_error_before_engine_timeout(database_url: str, tmp_path: Path) -> None:
+    context = make_context("SELECT pg_sleep(5)", database_url, tmp_path, timeout=1.0)
+
+    with pytest.raises(StepError) as caught:
+        async with asyncio.timeout(context.timeout_seconds):
+            await SqlExecutor().execute(context)
+
+    assert caught.value.key == "sql.timed_out"
+
+
 def test_format_table_aligns_wide_characters() -> None:
     lines = format_table(["name", "n"], [("移行", 1), ("ab", None), ("x\ny", 10)])
 

@@ -1,6 +1,6 @@
 """The local sandbox, a stand-in for production that runs the api-v2-migration runbook for real.
 
-`up` creates a PostgreSQL database whose api_endpoints table holds v1 rows,
+`up` creates a PostgreSQL database whose api_endpoints table contains v1 rows,
 a working directory with the npm scripts the runbook names, and a v2 API
 service on 127.0.0.1. `sandbox_environment` returns the environment that
 points a run at them.
@@ -113,7 +113,7 @@ async def up(home: Path, *, reset: bool = False) -> dict[str, Any]:
     port = last_service.get("port")
     running = bool(pid) and _process.is_service_process(pid, paths)
     if running and not await _process.check_health(port):
-        logger.warning("sandbox v2 service pid %d does not answer /v2/health, restarting it", pid)
+        logger.warning("sandbox v2 service pid %d does not respond to /v2/health, restarting it", pid)
         await _process.stop_service(pid, paths)
         running = False
 
@@ -242,7 +242,7 @@ def _environment_from_state(paths: SandboxPaths, state: dict[str, Any]) -> Envir
         variables={
             "SANDBOX_DATABASE_URL": state["database_url"],
             "SANDBOX_DIR": str(paths.root),
-            # npm checks the registry for a newer npm unless told not to.
+            # npm checks the registry for a newer npm version unless update-notifier is false.
             "NPM_CONFIG_UPDATE_NOTIFIER": "false",
         },
         env_files=[".env.production"],

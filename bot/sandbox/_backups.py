@@ -1,4 +1,4 @@
-"""The backup script (pg_dump of api_endpoints) and the restore command that stands in for pg_restore."""
+"""The backup script (pg_dump of api_endpoints) and the restore command that replaces pg_restore in the sandbox."""
 
 from __future__ import annotations
 

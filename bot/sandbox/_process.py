@@ -21,6 +21,11 @@ START_TIMEOUT_SECONDS = 20.0
 STOP_GRACE_SECONDS = 5.0
 POLL_SECONDS = 0.05
 
+# Pids this process spawned. Only these are reaped with waitpid, so that the
+# exit status of another child (an engine subprocess that got a recycled pid)
+# is never taken from its owner.
+_spawned_pids: set[int] = set()
+
 
 @dataclass(frozen=True)
 class ServiceProcess:
@@ -53,7 +58,7 @@ def is_service_process(pid: int, paths: SandboxPaths) -> bool:
 
 
 async def start_service(paths: SandboxPaths, python: str, preferred_port: int | None) -> ServiceProcess:
-    """Start the service in its own session and wait until /v2/health answers.
+    """Start the service in its own session and wait until /v2/health responds.
 
     Tries preferred_port first, so the URL stays the same across restarts,
     and falls back to a free port when that one is taken.
@@ -99,7 +104,7 @@ async def stop_service(pid: int, paths: SandboxPaths) -> bool:
 
 
 async def check_health(port: int, timeout_seconds: float = 2.0) -> bool:
-    """Return whether GET /v2/health on the port answers 200 with status ok."""
+    """Return whether GET /v2/health on the port returns 200 with status ok."""
     import aiohttp
 
     timeout = aiohttp.ClientTimeout(total=timeout_seconds)
@@ -135,6 +140,7 @@ def _spawn(paths: SandboxPaths, python: str, port: int) -> int:
         ],
         setsid=True,
     )
+    _spawned_pids.add(pid)
     logger.debug("spawned %s", " ".join(argv))
     return pid
 
@@ -162,13 +168,15 @@ def _read_port(port_file: Path) -> int | None:
 
 
 def _is_alive(pid: int) -> bool:
-    """Return whether pid runs, reaping it first when it is an exited child of this process."""
-    try:
-        reaped, _ = os.waitpid(pid, os.WNOHANG)
+    """Return whether pid runs, reaping it first when this process spawned it and it exited."""
+    if pid in _spawned_pids:
+        try:
+            reaped, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            reaped = pid
         if reaped == pid:
+            _spawned_pids.discard(pid)
             return False
-    except ChildProcessError:
-        pass
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

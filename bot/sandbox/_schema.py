@@ -27,7 +27,7 @@ CREATE TABLE sandbox_meta (
 )
 """
 
-# One statement, so seeding 80,000 rows takes well under a second.
+# A single INSERT ... SELECT over generate_series, far faster than inserting row by row.
 SEED_ROWS = """
 INSERT INTO api_endpoints (path, method, response, created_at)
 SELECT

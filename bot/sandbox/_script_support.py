@@ -14,7 +14,7 @@ from bot.sandbox._state import mask_url
 
 
 class ScriptFailed(Exception):
-    """A script failure; the message is the one-line reason printed before exiting with status 1."""
+    """A script failure. Its message is the one-line reason printed before the script exits with status 1."""
 
 
 def database_url() -> str:

@@ -68,7 +68,7 @@ class SandboxPaths:
 
 @dataclass(frozen=True)
 class SandboxSettings:
-    """Where the sandbox database lives and how many rows it is seeded with."""
+    """Location of the sandbox database and the number of rows it is seeded with."""
 
     admin_url: str
     database: str

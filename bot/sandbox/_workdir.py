@@ -34,7 +34,7 @@ NPM_SCRIPTS = (
     "notify:v1-deprecation",
 )
 
-# Folders the scripts write into; a reset removes them.
+# Folders that the scripts write into. A reset removes them.
 GENERATED_DIRS = ("backups", "docs", "site", "outbox", "sentry")
 
 

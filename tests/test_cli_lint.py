@@ -1,0 +1,118 @@
+"""`postmerge lint`, and `plan`/`run` refusing an unsound runbook."""
+
+from __future__ import annotations
+
+import re
+
+from conftest import REAL_RUNBOOK, REPO, run_cli
+
+BROKEN = """# Post-Merge Tasks: broken
+
+## Tasks
+
+### Custom
+- [ ] empty: ` `
+- [ ] slow: `sleep 1`
+  - 所要時間: そこそこ
+  - タイムアウト: -5秒
+- [ ] stray: `echo a
+
+## Execution Notes
+
+### Execution Order
+
+**Phase 1: a（5分）**
+1. slow
+2. nothing like this
+
+**Phase 1: b（5分）**
+1. slow
+
+### Rollback Plan
+
+**Phase 9 失敗（x）:**
+1. undo: `echo undo`
+
+```bash
+echo never closed
+"""
+
+LINE = re.compile(r"^(?P<file>[^:]+):(?P<line>\d+): (?P<message>.+)$")
+
+
+def test_lint_sound_runbook_exits_zero(home):
+    result = run_cli("lint", str(REAL_RUNBOOK), home=home)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_lint_broken_runbook_lists_problems(home):
+    path = home / "broken.md"
+    path.write_text(BROKEN, encoding="utf-8")
+    result = run_cli("lint", str(path), home=home)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stdout + result.stderr
+    lines = [line for line in result.stdout.splitlines() if line.strip()]
+    assert lines
+    for line in lines:
+        assert LINE.match(line), line
+    text = result.stdout
+    assert f"{path}:6: error:" in text  # empty command
+    assert f"{path}:8: error:" in text  # unreadable duration
+    assert f"{path}:9: error:" in text  # negative timeout
+    assert f"{path}:10: error:" in text  # unterminated backtick
+    assert f"{path}:20: error:" in text  # duplicate phase number
+    assert f"{path}:25: error:" in text  # rollback for a missing phase
+    assert f"{path}:28: error:" in text  # unterminated code block
+    assert f"{path}:18: warning:" in text  # phase line with no task
+
+
+def test_lint_not_a_runbook(home):
+    path = home / "notes.md"
+    path.write_text("# Shopping\n\n- milk\n", encoding="utf-8")
+    result = run_cli("lint", str(path), home=home)
+    assert result.returncode == 1
+    assert result.stdout.startswith(f"{path}:1: error: not a runbook")
+
+
+def test_lint_missing_file(home):
+    result = run_cli("lint", str(home / "missing.md"), home=home)
+    assert result.returncode == 1
+    assert "not found" in result.stdout
+    assert "Traceback" not in result.stderr
+
+
+def test_lint_japanese_by_default(home):
+    path = home / "notes.md"
+    path.write_text("# Shopping\n", encoding="utf-8")
+    env = {key: value for key, value in __import__("os").environ.items() if key != "POSTMERGE_LOCALE"}
+    env["POSTMERGE_HOME"] = str(home)
+    result = run_cli("lint", str(path), home=home, env=env)
+    assert "エラー: ランブックではありません" in result.stdout
+
+
+def test_plan_and_run_refuse_unsound_runbook(home):
+    path = home / "broken.md"
+    path.write_text(BROKEN, encoding="utf-8")
+    marker = home / "ran"
+    path.write_text(BROKEN.replace("sleep 1", f"touch {marker}"), encoding="utf-8")
+    plan = run_cli("plan", str(path), home=home)
+    assert plan.returncode == 1
+    assert "has errors" in plan.stderr
+    run = run_cli("run", str(path), "--yes", home=home)
+    assert run.returncode == 1
+    assert "Traceback" not in run.stderr
+    assert not marker.exists()
+    assert not (home / "postmerge.db").exists()
+
+
+def test_plan_unknown_environment(home):
+    result = run_cli("plan", str(REAL_RUNBOOK), "--env", "nowhere", home=home)
+    assert result.returncode == 2
+    assert "environment 'nowhere' not found" in result.stderr
+
+
+def test_plan_table_in_english(home):
+    result = run_cli("plan", str(REPO / "examples" / "english-cache-rollout.md"), home=home)
+    assert result.returncode == 0
+    assert "Plan: cache-rollout" in result.stdout
