@@ -114,7 +114,11 @@ def _is_command(code: str) -> bool:
     if " " in code:
         return True
     if _PATH_LIKE.match(code) and ("/" in code or "." in code):
-        return False
+        # A path runs when it names a script or a program in a bin folder:
+        # `/bin/true` and `./deploy.sh` run, `/etc/nginx/api.conf` does not.
+        if re.search(r"\.(?:sh|bash|py|rb|pl)$", code):
+            return True
+        return bool(re.search(r"(?:^|/)s?bin/[^/.]+$", code)) or bool(re.match(r"^\./[^/.]+$", code))
     return bool(re.match(r"^[a-z][\w-]*$", code))
 
 
