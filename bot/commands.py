@@ -353,7 +353,7 @@ async def status_command(args, console: Console, locale: str, store) -> int:
         kind = "" if row["kind"] == "run" else f" ↩ {row['parent_run_id']}"
         table.add_row(row["id"] + kind, row["runbook"], row["environment"], t(f"status.{row['status']}"),
                       phase, f"{row['steps_done']}/{row['steps_total']}",
-                      datetime.fromtimestamp(row["created_at"]).strftime("%Y-%m-%d %H:%M"))
+                      datetime.fromtimestamp(row["created_at"]).strftime("%m-%d %H:%M"))
     console.print(table)
     return EXIT_OK
 
