@@ -1,4 +1,4 @@
-"""What each `postmerge` subcommand does; bot/cli.py parses the arguments."""
+"""Subcommands of the `postmerge` command line. bot/cli.py parses their arguments."""
 
 from __future__ import annotations
 
@@ -301,7 +301,17 @@ async def abort_command(args, console: Console, locale: str, store) -> int:
             await asyncio.sleep(0.5)
         console.print(Text(translate("cli.abort_pending", locale, run_id=run.id)), style="yellow")
         return EXIT_FAILED
-    # Nobody is carrying the run forward, so the abort takes effect here.
+    # No live process owns the run, so the abort takes effect here, including
+    # on step processes that outlived the process that started them.
+    from steps.shell import group_alive, stop_group
+
+    for record in await store.steps(run.id):
+        pgid = (record.data or {}).get("pgid")
+        if record.status in ("running", "interrupted") and pgid and group_alive(pgid, record.data.get("pid_start")):
+            console.print(Text(translate("cli.abort_stopping_process", locale, step_id=record.step_id, pgid=pgid)))
+            await stop_group(int(pgid), 10.0)
+            await store.update_step(run.id, record.step_id, status="interrupted", event_type="step.orphan_stopped",
+                                    actor=actor, event_data={"pgid": pgid})
     await store.update_run(run.id, status="aborted", finished_at=time.time(),
                            error=translate("engine.aborted_by", locale, actor=actor),
                            event_type="run.aborted", actor=actor)

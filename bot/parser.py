@@ -502,15 +502,22 @@ class RunbookParser:
             self.error(line, "lint.invalid_phase_number", number=number)
         return Phase(number=number, title=title, planned_seconds=planned, line=line)
 
-    def _read_phase_line(self, item: SyntaxTreeNode) -> PhaseLine:
+    def _read_line_item(self, item: SyntaxTreeNode) -> tuple[_Inline | None, int, list[str]]:
+        """Read one numbered or bulleted line: its inline text, line number and commands."""
         inline = _first_inline(item)
         line = item.map[0] + 1
         if inline is None:
-            return PhaseLine(text="", line=line)
+            return None, line, []
         parsed = self._check_inline(inline)
         if any(not code.strip() for code in parsed.codes):
             self.error(line, "lint.empty_command", task=parsed.plain)
-        return PhaseLine(text=parsed.text, line=line, commands=[code.strip() for code in parsed.codes if code.strip()])
+        return parsed, line, [code.strip() for code in parsed.codes if code.strip()]
+
+    def _read_phase_line(self, item: SyntaxTreeNode) -> PhaseLine:
+        parsed, line, commands = self._read_line_item(item)
+        if parsed is None:
+            return PhaseLine(text="", line=line)
+        return PhaseLine(text=parsed.text, line=line, commands=commands)
 
     # -- rollback plan ----------------------------------------------------
 
@@ -567,20 +574,12 @@ class RunbookParser:
         return numbers
 
     def _read_rollback_line(self, item: SyntaxTreeNode) -> RollbackLine:
-        inline = _first_inline(item)
-        line = item.map[0] + 1
-        if inline is None:
+        parsed, line, commands = self._read_line_item(item)
+        if parsed is None:
             return RollbackLine(text="", line=line)
-        parsed = self._check_inline(inline)
-        if any(not code.strip() for code in parsed.codes):
-            self.error(line, "lint.empty_command", task=parsed.plain)
         url_match = _URL.search(parsed.plain)
-        return RollbackLine(
-            text=parsed.text,
-            line=line,
-            commands=[code.strip() for code in parsed.codes if code.strip()],
-            url=url_match.group(0) if url_match else None,
-        )
+        return RollbackLine(text=parsed.text, line=line, commands=commands,
+                            url=url_match.group(0) if url_match else None)
 
     # -- cross checks -----------------------------------------------------
 

@@ -466,7 +466,7 @@ class SyncSQLiteEngine:
     about 1.2 ms through aiosqlite's worker thread (bench/engine_overhead.py,
     2 cores, x86_64), and the engine writes two per step.
     NOTE: a statement that waits for another process's write lock blocks the
-    event loop for that long (at most busy_timeout); the store's own
+    event loop while it waits, for at most busy_timeout. The store's own
     transactions hold the lock for milliseconds.
     """
 

@@ -305,7 +305,9 @@ def test_cli_dry_run_runs_nothing(home):
 def test_cli_status_and_abort_of_orphaned_run(home):
     config = write_config(home)
     runbook = home / "runbook.md"
-    runbook.write_text(runbook_text("- [ ] long: `sleep 60`", "**Phase 1: a（1分）**\n1. long"))
+    pid_file = home / "sleep.pid"
+    runbook.write_text(runbook_text(f"- [ ] long: `echo $$ > {pid_file}; exec sleep 60`",
+                                    "**Phase 1: a（1分）**\n1. long"))
     import subprocess
     import sys
 
@@ -327,8 +329,10 @@ def test_cli_status_and_abort_of_orphaned_run(home):
         process.wait(10)
         aborted = run_cli("abort", run["id"], home=home)
         assert aborted.returncode == 0, aborted.stdout + aborted.stderr
+        assert "still has a running process" in aborted.stdout
         status = json.loads(run_cli("status", "--json", home=home).stdout)["runs"][0]
         assert status["status"] == "aborted"
+        assert not process_running(int(pid_file.read_text()))
     finally:
         if process.poll() is None:
             process.kill()
