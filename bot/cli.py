@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -77,7 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(locale)
     args = parser.parse_args(argv)
     locale = current_locale(args.locale)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # Logs go to stderr, apart from the progress on stdout: INFO adds a line per step.
+    level = os.environ.get("POSTMERGE_LOG_LEVEL", "WARNING").upper()
+    logging.basicConfig(level=getattr(logging, level, logging.WARNING),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from rich.console import Console
 
@@ -116,5 +119,3 @@ def _early_locale(argv: list[str]) -> str | None:
 if __name__ == "__main__":
     sys.exit(main())
 
-
-__all__ = ["main", "build_parser", "json"]

@@ -212,7 +212,7 @@ class Engine:
                           failed_step: str | None = None) -> RunOutcome:
         await self.store.update_run(run.id, status=status, finished_at=time.time(), error=error,
                                     event_type=f"run.{status}", event_data={"error": error} if error else None)
-        log.info("run finished", extra={"run_id": run.id, "status": status})
+        log.info("run %s finished: status=%s runbook=%s", run.id, status, run.runbook)
         if run.kind == "rollback" and run.parent_run_id and status == "completed":
             await self.store.update_run(run.parent_run_id, status="rolled_back", event_type="run.rolled_back",
                                         event_data={"rollback_run_id": run.id})
@@ -285,6 +285,8 @@ class Engine:
             self._interruptible = False
 
         finished = time.time()
+        log.info("run %s step %s finished: status=%s kind=%s seconds=%.3f exit_code=%s",
+                 run.id, step.id, status, step.kind, finished - started, exit_code)
         await self.store.update_step(
             run.id, step.id, status=status, finished_at=finished, exit_code=exit_code, error=error,
             output=output.text(), data=data, event_type=f"step.{status}",
@@ -422,7 +424,7 @@ class Engine:
             try:
                 await self.store.heartbeat(run_id, self.owner)
             except Exception:  # noqa: BLE001 - a missed heartbeat is retried on the next beat
-                log.warning("heartbeat failed", exc_info=True, extra={"run_id": run_id})
+                log.warning("run %s: heartbeat failed", run_id, exc_info=True)
 
     async def _watch_abort(self, run_id: str) -> None:
         """Poll for an abort requested from elsewhere and cancel the step or gate in progress."""
@@ -431,7 +433,7 @@ class Engine:
             try:
                 actor = await self.store.abort_requested(run_id)
             except Exception:  # noqa: BLE001 - the next poll tries again
-                log.warning("abort poll failed", exc_info=True, extra={"run_id": run_id})
+                log.warning("run %s: abort poll failed", run_id, exc_info=True)
                 continue
             if actor:
                 self._abort_actor = actor
@@ -454,14 +456,14 @@ class Engine:
             except PostmergeError:
                 raise
             except Exception:  # noqa: BLE001 - a broken notifier must never stop a run
-                log.warning("notifier failed", exc_info=True, extra={"run_id": run_id, "event": event_type})
+                log.warning("run %s: notifier failed on %s", run_id, event_type, exc_info=True)
 
     def _output_line(self, run_id: str, step: Step, line: str) -> None:
         for notifier in self.notifiers:
             try:
                 notifier.output_line(run_id, step, line)
             except Exception:  # noqa: BLE001 - a broken notifier must never stop a run
-                log.debug("output notifier failed", exc_info=True)
+                log.debug("run %s: output notifier failed", run_id, exc_info=True)
 
 
 def _uncancel() -> None:
