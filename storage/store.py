@@ -111,13 +111,18 @@ class Store:
     @classmethod
     async def open(cls, url: str) -> Store:
         """Connect, tune SQLite for a local file, and migrate the schema to the head."""
-        if url.startswith("sqlite"):
-            database = url.split("///", 1)[-1]
-            if database and database != ":memory:":
-                Path(database).parent.mkdir(parents=True, exist_ok=True)
-            engine = SyncSQLiteEngine(url)
-        else:
-            engine = create_async_engine(url, pool_size=5, max_overflow=5, pool_pre_ping=True)
+        if not url.startswith(("sqlite", "postgresql+asyncpg://")):
+            raise StoreError("store.unsupported_url", url=_safe_url(url))
+        try:
+            if url.startswith("sqlite"):
+                database = url.split("///", 1)[-1]
+                if database and database != ":memory:":
+                    Path(database).parent.mkdir(parents=True, exist_ok=True)
+                engine = SyncSQLiteEngine(url)
+            else:
+                engine = create_async_engine(url, pool_size=5, max_overflow=5, pool_pre_ping=True)
+        except (OSError, SQLAlchemyError) as error:
+            raise StoreError("store.unavailable", url=_safe_url(url), error=_first_line(error)) from None
         store = cls(engine)
         try:
             await store.migrate()

@@ -336,3 +336,21 @@ def test_cli_status_and_abort_of_orphaned_run(home):
     finally:
         if process.poll() is None:
             process.kill()
+
+
+@pytest.mark.parametrize(("url", "expected"), [
+    ("foo://bar", "is not supported"),
+    ("postgresql://postgres:secret@127.0.0.1:1/none", "cannot connect to database"),
+])
+def test_cli_bad_database_url(home, url, expected):
+    result = run_cli("--db", url, "status", home=home)
+    assert result.returncode == 1
+    assert expected in result.stderr
+    assert "secret" not in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_unknown_run_id(home):
+    result = run_cli("resume", "deadbeef", home=home)
+    assert result.returncode == 1
+    assert "run deadbeef not found" in result.stderr
