@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import getpass
+import threading
 import time
 
 from rich.console import Console, Group
@@ -194,7 +195,7 @@ class TerminalInteraction:
         if self.view is not None:
             self.view.pause()
         try:
-            return await asyncio.to_thread(self._ask, request)
+            return await _in_daemon_thread(self._ask, request)
         finally:
             if self.view is not None:
                 self.view.resume()
@@ -219,6 +220,37 @@ class TerminalInteraction:
             if choice is not None:
                 return GateAnswer(choice, terminal_actor())
             self.console.print(Text(t("gate.invalid_choice", value=raw.strip(), choices=", ".join(keys))))
+
+
+async def _in_daemon_thread(function, *args):
+    """Run a blocking prompt in a daemon thread.
+
+    An abort cancels the waiting coroutine while input() still blocks. A
+    daemon thread lets the process exit then, where asyncio.to_thread's
+    executor would wait for the thread at shutdown.
+    """
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def target() -> None:
+        try:
+            result = function(*args)
+        except BaseException as error:  # noqa: BLE001 - handed to the waiting coroutine
+            loop.call_soon_threadsafe(_settle, future, None, error)
+        else:
+            loop.call_soon_threadsafe(_settle, future, result, None)
+
+    threading.Thread(target=target, name="postmerge-prompt", daemon=True).start()
+    return await future
+
+
+def _settle(future: asyncio.Future, result, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
 class AutoInteraction:

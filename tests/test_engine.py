@@ -354,3 +354,33 @@ def test_cli_unknown_run_id(home):
     result = run_cli("resume", "deadbeef", home=home)
     assert result.returncode == 1
     assert "run deadbeef not found" in result.stderr
+
+
+def test_cli_abort_while_prompt_waits(home):
+    import subprocess
+    import sys
+
+    config = write_config(home)
+    runbook = home / "runbook.md"
+    runbook.write_text(runbook_text("- [ ] check: 手で確認する", "**Phase 1: a（1分）**\n1. check"))
+    # Standard input stays open and silent, as a terminal whose user walked away.
+    process = subprocess.Popen([sys.executable, "-m", "bot.cli", "--config", str(config), "run", str(runbook),
+                                "--env", "local"], cwd=home, env=cli_env(home), stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        run_id = None
+        while time.monotonic() < deadline and run_id is None:
+            result = run_cli("status", "--json", home=home)
+            runs = json.loads(result.stdout)["runs"] if result.returncode == 0 else []
+            if runs and runs[0]["status"] == "waiting":
+                run_id = runs[0]["id"]
+            time.sleep(0.2)
+        assert run_id is not None
+        assert run_cli("abort", run_id, home=home).returncode == 0
+        output, _ = process.communicate(timeout=15)
+        assert process.returncode == 2
+        assert "aborted by" in output
+    finally:
+        if process.poll() is None:
+            process.kill()
