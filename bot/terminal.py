@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import getpass
-import threading
+import os
 import time
 
 from rich.console import Console, Group
@@ -190,17 +190,18 @@ class TerminalInteraction:
         self.console = console
         self.view = view
         self.locale = locale
+        self.reader = StdinLines()
 
     async def answer(self, request: GateRequest) -> GateAnswer:
         if self.view is not None:
             self.view.pause()
         try:
-            return await _in_daemon_thread(self._ask, request)
+            return await self._ask(request)
         finally:
             if self.view is not None:
                 self.view.resume()
 
-    def _ask(self, request: GateRequest) -> GateAnswer:
+    async def _ask(self, request: GateRequest) -> GateAnswer:
         t = lambda message_key, **params: translate(message_key, self.locale, **params)  # noqa: E731 - local shorthand
         step = request.step
         self.console.print(Text(t(f"gate.title_{request.kind}", step_id=step.id, title=step.title), style="bold yellow"))
@@ -211,9 +212,8 @@ class TerminalInteraction:
         prompt = " / ".join(labels.values())
         while True:
             self.console.print(Text(f"{prompt}: "), end="")
-            try:
-                raw = input()
-            except EOFError:
+            raw = await self.reader.readline()
+            if raw is None:
                 self.console.print(Text(t("gate.no_input", run_id=request.run_id)), style="red")
                 return GateAnswer("defer", terminal_actor())
             choice = keys.get(raw.strip().lower())
@@ -222,35 +222,44 @@ class TerminalInteraction:
             self.console.print(Text(t("gate.invalid_choice", value=raw.strip(), choices=", ".join(keys))))
 
 
-async def _in_daemon_thread(function, *args):
-    """Run a blocking prompt in a daemon thread.
+class StdinLines:
+    """Read lines of standard input on the event loop, without a thread.
 
-    An abort cancels the waiting coroutine while input() still blocks. A
-    daemon thread lets the process exit then, where asyncio.to_thread's
-    executor would wait for the thread at shutdown.
+    A prompt that an abort cancels must not leave a thread blocked in a read:
+    the executor of asyncio.to_thread waits for it at exit, and a daemon thread
+    holding the stdin buffer makes the interpreter abort at shutdown.
     """
-    loop = asyncio.get_running_loop()
-    future = loop.create_future()
 
-    def target() -> None:
+    def __init__(self, fd: int = 0) -> None:
+        self.fd = fd
+        self.pending = b""
+        self.closed = False
+
+    async def readline(self) -> str | None:
+        """Return the next line without its newline, or None at end of input."""
+        while b"\n" not in self.pending and not self.closed:
+            chunk = await self._read_chunk()
+            if not chunk:
+                self.closed = True
+            self.pending += chunk
+        if not self.pending and self.closed:
+            return None
+        line, _, self.pending = self.pending.partition(b"\n")
+        return line.decode("utf-8", "replace")
+
+    async def _read_chunk(self) -> bytes:
+        loop = asyncio.get_running_loop()
+        ready = loop.create_future()
         try:
-            result = function(*args)
-        except BaseException as error:  # noqa: BLE001 - handed to the waiting coroutine
-            loop.call_soon_threadsafe(_settle, future, None, error)
-        else:
-            loop.call_soon_threadsafe(_settle, future, result, None)
-
-    threading.Thread(target=target, name="postmerge-prompt", daemon=True).start()
-    return await future
-
-
-def _settle(future: asyncio.Future, result, error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
+            loop.add_reader(self.fd, lambda: ready.done() or ready.set_result(None))
+        except (PermissionError, OSError, ValueError):
+            # A regular file cannot be watched; reading it never blocks.
+            return os.read(self.fd, 4096)
+        try:
+            await ready
+        finally:
+            loop.remove_reader(self.fd)
+        return os.read(self.fd, 4096)
 
 
 class AutoInteraction:
