@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from bot.errors import PostmergeError, UsageError
+from bot.errors import ConfigError, PostmergeError, RunbookError, RunConflict, RunNotFound, UsageError
 from bot.i18n import current_locale, translate
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -21,11 +21,14 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 def build_parser(locale: str) -> argparse.ArgumentParser:
     t = lambda key: translate(key, locale)  # noqa: E731 - local shorthand
-    parser = argparse.ArgumentParser(prog="postmerge", description=t("cli.description"))
-    parser.add_argument("--db", help=t("cli.help_db"))
-    parser.add_argument("--config", type=Path, help=t("cli.help_config"))
-    parser.add_argument("--locale", choices=("ja", "en"), help=t("cli.help_locale"))
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # The common options are accepted before and after the subcommand.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--db", default=argparse.SUPPRESS, help=t("cli.help_db"))
+    common.add_argument("--config", type=Path, default=argparse.SUPPRESS, help=t("cli.help_config"))
+    common.add_argument("--locale", choices=("ja", "en"), default=argparse.SUPPRESS, help=t("cli.help_locale"))
+    parser = argparse.ArgumentParser(prog="postmerge", description=t("cli.description"), parents=[common])
+    parser.set_defaults(db=None, config=None, locale=None)
+    commands = _Subcommands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"), common)
 
     lint = commands.add_parser("lint", help=t("cli.help_lint"))
     lint.add_argument("file", type=Path)
@@ -59,7 +62,9 @@ def build_parser(locale: str) -> argparse.ArgumentParser:
     rollback.add_argument("--yes", action="store_true", help=t("cli.help_yes"))
 
     sandbox = commands.add_parser("sandbox", help=t("cli.help_sandbox"))
-    sandbox_commands = sandbox.add_subparsers(dest="sandbox_command", required=True, metavar="ACTION")
+    sandbox_commands = _Subcommands(
+        sandbox.add_subparsers(dest="sandbox_command", required=True, metavar="ACTION"), common
+    )
     up = sandbox_commands.add_parser("up", help=t("cli.help_sandbox_up"))
     up.add_argument("--reset", action="store_true", help=t("cli.help_sandbox_reset"))
     down = sandbox_commands.add_parser("down", help=t("cli.help_sandbox_down"))
@@ -71,12 +76,34 @@ def build_parser(locale: str) -> argparse.ArgumentParser:
     return parser
 
 
+class _Subcommands:
+    """Add subcommands that all take the common options."""
+
+    def __init__(self, action, common: argparse.ArgumentParser) -> None:
+        self.action = action
+        self.common = common
+
+    def add_parser(self, name: str, **options) -> argparse.ArgumentParser:
+        return self.action.add_parser(name, parents=[self.common], **options)
+
+
+def exit_code_for(error: PostmergeError) -> int:
+    """Return 1 for a failure of the work itself, 2 for a request that cannot be carried out."""
+    if isinstance(error, RunbookError):
+        return EXIT_FAILED if error.key == "runbook.unsound" else EXIT_USAGE
+    if isinstance(error, (UsageError, ConfigError, RunNotFound, RunConflict)):
+        return EXIT_USAGE
+    return EXIT_FAILED
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     locale = current_locale(_early_locale(argv))
     parser = build_parser(locale)
     args = parser.parse_args(argv)
     locale = current_locale(args.locale)
+    # Messages built deep in the engine read the locale from the environment.
+    os.environ["POSTMERGE_LOCALE"] = locale
     # Logs go to stderr, apart from the progress on stdout: INFO adds a line per step.
     level = os.environ.get("POSTMERGE_LOG_LEVEL", "WARNING").upper()
     logging.basicConfig(level=getattr(logging, level, logging.WARNING),
@@ -101,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     except PostmergeError as error:
         error_console.print(translate("cli.error_prefix", locale) + error.render(locale), style="red",
                             highlight=False, soft_wrap=True)
-        return EXIT_USAGE if isinstance(error, UsageError) else EXIT_FAILED
+        return exit_code_for(error)
     except KeyboardInterrupt:
         error_console.print(translate("cli.interrupted", locale), style="red")
         return EXIT_USAGE

@@ -13,7 +13,9 @@ from rich.table import Table
 from rich.text import Text
 
 from bot.config import SANDBOX, Environment, Settings, default_environment, load_environments
-from bot.errors import PostmergeError, RunbookError, UsageError
+from pydantic import ValidationError
+
+from bot.errors import ConfigError, RunbookError, UsageError
 from bot.i18n import translate
 from bot.model import Problem, Runbook, Severity
 from bot.parser import read_runbook
@@ -24,9 +26,16 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as error:
+        first = error.errors()[0]
+        name = "POSTMERGE_" + str(first["loc"][0]).upper() if first["loc"] else "POSTMERGE_*"
+        raise ConfigError("config.invalid_setting", name=name, error=first["msg"]) from None
     if getattr(args, "config", None):
         settings.config = args.config
+        if not args.config.is_file():
+            raise ConfigError("config.not_found", path=str(args.config))
     return settings
 
 
@@ -57,7 +66,7 @@ def _refuse_unsound(console: Console, path: Path, problems: list[Problem], local
         raise RunbookError("runbook.unsound", path=str(path))
 
 
-def resolve_environment(settings: Settings, name: str | None) -> Environment:
+def resolve_environment(settings: Settings, name: str | None, locale: str | None = None) -> Environment:
     if name is None:
         return default_environment()
     environments = load_environments(settings)
@@ -65,7 +74,9 @@ def resolve_environment(settings: Settings, name: str | None) -> Environment:
         if name == SANDBOX:
             raise UsageError("cli.sandbox_not_up")
         known = ", ".join(sorted(environments)) or "-"
-        raise UsageError("cli.unknown_environment", name=name, known=known)
+        config = settings.config or Path("postmerge.toml")
+        where = str(config.resolve()) if config.is_file() else translate("cli.config_missing", locale, path=str(config))
+        raise UsageError("cli.unknown_environment", name=name, known=known, config=where)
     return environments[name]
 
 
@@ -87,11 +98,17 @@ def lint_command(args: argparse.Namespace, console: Console, locale: str) -> int
 
 
 def plan_command(args: argparse.Namespace, console: Console, locale: str) -> int:
-    environment = resolve_environment(_settings(args), args.env)
+    environment = resolve_environment(_settings(args), args.env, locale)
     _, plan, problems = load_and_plan(args.file, environment)
     _refuse_unsound(console, args.file, problems, locale)
     if args.json:
-        print(json.dumps(plan.contract(), ensure_ascii=False, indent=2))
+        contract = plan.contract()
+        contract["problems"] = [
+            {"line": problem.line, "severity": problem.severity.value, "key": problem.key,
+             "message": translate(problem.key, locale, **problem.params)}
+            for problem in problems
+        ]
+        print(json.dumps(contract, ensure_ascii=False, indent=2))
         return EXIT_OK
     print_plan(console, plan, locale)
     _print_problems(console, args.file, problems, locale)
@@ -202,7 +219,7 @@ async def run_async_command(args: argparse.Namespace, console: Console, locale: 
 
 
 def dry_run_command(args, console: Console, locale: str, settings: Settings) -> int:
-    environment = resolve_environment(settings, args.env)
+    environment = resolve_environment(settings, args.env, locale)
     _, plan, problems = load_and_plan(args.file, environment)
     _refuse_unsound(console, args.file, problems, locale)
     console.print(Text(translate("cli.dry_run_header", locale, workdir=str(environment.workdir)), style="bold"))
@@ -229,9 +246,11 @@ def _engine(settings: Settings, store, environment: Environment, locale: str, co
 
 
 def _prepare_run(args, console: Console, locale: str, settings: Settings) -> tuple[Environment, Runbook, Plan]:
-    environment = resolve_environment(settings, args.env)
+    environment = resolve_environment(settings, args.env, locale)
     if args.yes and environment.protected:
         raise UsageError("cli.yes_protected", environment=environment.name)
+    if not environment.workdir.is_dir():
+        raise ConfigError("cli.workdir_missing", environment=environment.name, path=str(environment.workdir))
     runbook, plan, problems = load_and_plan(args.file, environment)
     _refuse_unsound(console, args.file, problems, locale)
     plan.runbook_path = str(args.file.resolve())
@@ -253,7 +272,7 @@ async def run_command(args, console: Console, locale: str, settings: Settings, s
 
 async def resume_command(args, console: Console, locale: str, settings: Settings, store) -> int:
     run = await store.get_run(args.run_id)
-    environment = resolve_environment(settings, None if run.environment == "default" else run.environment)
+    environment = resolve_environment(settings, None if run.environment == "default" else run.environment, locale)
     plan = Plan.model_validate(run.plan)
     engine = _engine(settings, store, environment, locale, console, yes=args.yes,
                      runbook_path=Path(run.runbook_path), language=plan.language, on_interrupted=args.on_interrupted)
@@ -266,12 +285,15 @@ async def rollback_command(args, console: Console, locale: str, settings: Settin
     from bot.terminal import terminal_actor
 
     run = await store.get_run(args.run_id)
-    environment = resolve_environment(settings, None if run.environment == "default" else run.environment)
+    environment = resolve_environment(settings, None if run.environment == "default" else run.environment, locale)
     records = await store.steps(run.id)
     rollback_plan = build_rollback_plan(run, records, translate("rollback.inverse_title", locale))
     engine = _engine(settings, store, environment, locale, console, yes=args.yes,
                      runbook_path=Path(run.runbook_path), language=rollback_plan.language)
     steps = [step for group in rollback_plan.rollback for step in group.steps]
+    if not args.yes and not await _confirm_rollback(console, locale, run.id, steps):
+        console.print(Text(translate("cli.rollback_cancelled", locale, run_id=run.id)), style="yellow")
+        return EXIT_USAGE
     rollback_id = await engine.start(rollback_plan, started_by=terminal_actor(), kind="rollback",
                                      parent_run_id=run.id, steps=steps)
     console.print(Text(translate("cli.rollback_created", locale, run_id=rollback_id, parent=run.id), style="dim"))
@@ -279,22 +301,42 @@ async def rollback_command(args, console: Console, locale: str, settings: Settin
     return outcome.exit_code
 
 
+async def _confirm_rollback(console: Console, locale: str, run_id: str, steps) -> bool:
+    """Show the rollback steps and ask whether to start them."""
+    from bot.terminal import StdinLines
+
+    console.print(Text(translate("cli.rollback_steps", locale, run_id=run_id), style="bold"))
+    for step in steps:
+        mode = translate("plan.automated" if step.automated else "plan.manual", locale)
+        console.print(Text(f"  {step.id}  [{step.kind}, {mode}]  {step.title}"), highlight=False)
+    reader = StdinLines()
+    while True:
+        console.print(Text(translate("cli.rollback_confirm", locale)), end="")
+        answer = await reader.readline()
+        if answer is None:
+            return False
+        if answer.strip().lower() in ("y", "yes"):
+            return True
+        if answer.strip().lower() in ("a", "n", "no"):
+            return False
+
+
 async def abort_command(args, console: Console, locale: str, store) -> int:
     from bot.terminal import terminal_actor
-    from storage.store import _owner_alive
+    from storage.store import owner_alive
 
     run = await store.get_run(args.run_id)
     if not run.active:
-        raise UsageError("cli.abort_not_active", run_id=run.id, status=run.status)
+        raise UsageError("cli.abort_not_active", run_id=run.id, status=translate(f"status.{run.status}", locale))
     actor = terminal_actor()
     await store.request_abort(run.id, actor)
-    if run.owner and _owner_alive(run.owner):
+    if run.owner and owner_alive(run.owner):
         console.print(Text(translate("cli.abort_requested", locale, run_id=run.id, owner=run.owner)))
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             current = await store.get_run(run.id)
             if not current.active:
-                console.print(Text(translate("cli.abort_done", locale, run_id=run.id, status=current.status)))
+                console.print(Text(translate("cli.abort_done", locale, run_id=run.id, status=translate(f"status.{current.status}", locale))))
                 return EXIT_OK
             import asyncio
 
@@ -315,17 +357,21 @@ async def abort_command(args, console: Console, locale: str, store) -> int:
     await store.update_run(run.id, status="aborted", finished_at=time.time(),
                            error=translate("engine.aborted_by", locale, actor=actor),
                            event_type="run.aborted", actor=actor)
-    console.print(Text(translate("cli.abort_done", locale, run_id=run.id, status="aborted")))
+    console.print(Text(translate("cli.abort_done", locale, run_id=run.id, status=translate("status.aborted", locale))))
     return EXIT_OK
 
 
 async def status_command(args, console: Console, locale: str, store) -> int:
+    from storage.store import owner_alive
+
     runs = await store.list_runs(active_only=False, limit=50 if args.all else 20)
     rows = []
     for run in runs:
         steps = await store.steps(run.id)
         done = sum(1 for step in steps if step.status in ("succeeded", "skipped", "approved"))
         current = next((step for step in steps if step.status in ("running", "waiting", "interrupted")), None)
+        # A running or waiting run whose process is gone needs `postmerge resume`.
+        orphaned = run.status in ("running", "waiting") and not owner_alive(run.owner)
         rows.append({
             "id": run.id,
             "kind": run.kind,
@@ -343,6 +389,8 @@ async def status_command(args, console: Console, locale: str, store) -> int:
             "steps_done": done,
             "steps_total": len(steps),
             "error": run.error,
+            "owner": run.owner,
+            "orphaned": orphaned,
         })
     if args.json:
         print(json.dumps({"runs": rows}, ensure_ascii=False, indent=2))
@@ -357,11 +405,14 @@ async def status_command(args, console: Console, locale: str, store) -> int:
     for row in rows:
         phase = str(row["current_phase"] or "-")
         if row["current_step"]:
-            phase += f" ({row['current_step']} {row['current_step_status']})"
+            phase += f" ({row['current_step']} {t('status.step_' + row['current_step_status'])})"
         if row["failed_step"]:
             phase += " " + t("status.failed_at", step=row["failed_step"])
         kind = "" if row["kind"] == "run" else f" ↩ {row['parent_run_id']}"
-        table.add_row(row["id"] + kind, row["runbook"], row["environment"], t(f"status.{row['status']}"),
+        state = t(f"status.{row['status']}")
+        if row["orphaned"]:
+            state = t("status.orphaned", run_id=row["id"])
+        table.add_row(row["id"] + kind, row["runbook"], row["environment"], state,
                       phase, f"{row['steps_done']}/{row['steps_total']}",
                       datetime.fromtimestamp(row["created_at"]).strftime("%m-%d %H:%M"))
     console.print(table)
@@ -375,19 +426,25 @@ async def sandbox_command(args, console: Console, locale: str, settings: Setting
     action = args.sandbox_command
     if action == "up":
         state = await sandbox.up(home, reset=args.reset)
-        console.print(Text(translate("cli.sandbox_up", locale, workdir=str(state.get("workdir", "")),
-                                     port=(state.get("service") or {}).get("port", "")), style="green"))
+        params = dict(database=state.get("database", ""), rows=state.get("rows", ""),
+                      workdir=str(state.get("workdir", "")), url=(state.get("service") or {}).get("url", ""))
+        if args.reset:
+            console.print(Text(translate("sandbox.up_reset_done", locale, **params), style="green"))
+        console.print(Text(translate("sandbox.up_ready", locale, **params), style="green"))
         return EXIT_OK
     if action == "down":
+        before = sandbox.sandbox_status(home)
         await sandbox.down(home, purge=args.purge)
-        console.print(Text(translate("cli.sandbox_down", locale)))
+        if args.purge:
+            console.print(Text(translate("sandbox.down_purged", locale, database=before.get("database") or "-",
+                                         path=str(home / "sandbox"))))
+        else:
+            console.print(Text(translate("sandbox.down_done", locale)))
         return EXIT_OK
     if action == "switch":
         sandbox.set_switch(home, args.name, args.state == "on")
-        console.print(Text(translate("cli.sandbox_switch", locale, name=args.name, state=args.state)))
+        console.print(Text(translate(f"sandbox.switch_{args.state}", locale, name=args.name)))
         return EXIT_OK
     print(json.dumps(sandbox.sandbox_status(home), ensure_ascii=False, indent=2, default=str))
     return EXIT_OK
 
-
-__all__ = ["PostmergeError"]

@@ -120,7 +120,7 @@ class Engine:
         """Carry a run forward until it completes, fails, is aborted or waits on nobody."""
         run = await self.store.get_run(run_id)
         if run.status not in ("pending", "running", "waiting", "paused"):
-            raise UsageError("engine.run_not_active", run_id=run.id, status=run.status)
+            raise UsageError("engine.run_not_active", run_id=run.id, status=translate(f"status.{run.status}", self.locale))
         if not await self.store.claim(run.id, self.owner):
             raise RunConflict("engine.run_owned", run_id=run.id, owner=run.owner or "?")
         if run.status != "pending":
@@ -225,7 +225,8 @@ class Engine:
     async def _run_step(self, run: RunRecord, plan: Plan, step: Step, record: StepRecord) -> StepRecord:
         attempt = record.attempt + 1
 
-        if step.requires_approval and step.kind != "approval":
+        # A manual step's own confirmation is its approval: nobody is asked twice.
+        if step.requires_approval and step.kind != "approval" and step.automated:
             answer = await self._gate(run, plan, step, attempt, "approval")
             if answer.decision != "approved":
                 await self.store.update_step(run.id, step.id, status="rejected", decided_by=answer.actor,

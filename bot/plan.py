@@ -154,6 +154,8 @@ class Plan(BaseModel):
     verification: list[Step] = Field(default_factory=list)
     rollback: list[RollbackGroupPlan] = Field(default_factory=list)
     emergency: list[Step] = Field(default_factory=list)
+    # Runbook lines of the tasks a rollback plan undoes, unticked when it completes.
+    undo_task_lines: list[int] = Field(default_factory=list)
 
     def steps(self) -> list[Step]:
         """Return the forward steps in execution order: every phase, then verification."""

@@ -9,6 +9,7 @@ value of an environment variable.
 from __future__ import annotations
 
 from bot.errors import UsageError
+from bot.i18n import translate
 from bot.plan import Plan, RollbackGroupPlan, Step
 from steps import has_executor, load_executor
 from storage import RunRecord, StepRecord
@@ -20,7 +21,7 @@ def build_rollback_plan(run: RunRecord, records: list[StepRecord], locale_title:
     if run.kind != "run":
         raise UsageError("rollback.not_a_forward_run", run_id=run.id)
     if run.status not in ROLLBACK_FROM:
-        raise UsageError("rollback.wrong_status", run_id=run.id, status=run.status)
+        raise UsageError("rollback.wrong_status", run_id=run.id, status=translate(f"status.{run.status}"))
 
     plan = Plan.model_validate(run.plan)
     phase = run.failed_phase if run.failed_phase is not None else run.current_phase
@@ -59,7 +60,13 @@ def build_rollback_plan(run: RunRecord, records: list[StepRecord], locale_title:
     if not any(group.steps for group in rollback_groups):
         raise UsageError("rollback.nothing_to_do", run_id=run.id, phase=phase if phase is not None else "-")
 
-    return plan.model_copy(update={"phases": [], "verification": [], "rollback": rollback_groups, "emergency": []})
+    succeeded = {record.step_id for record in records if record.status == "succeeded"}
+    undo_lines = sorted({
+        step.task_line for step in plan.steps()
+        if step.id in succeeded and step.phase in covered and step.task_line is not None
+    })
+    return plan.model_copy(update={"phases": [], "verification": [], "rollback": rollback_groups, "emergency": [],
+                                   "undo_task_lines": undo_lines})
 
 
 def inverse_source(records: list[StepRecord], step: Step) -> dict:

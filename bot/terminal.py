@@ -54,6 +54,7 @@ class TerminalView:
         self.last_line = ""
         self.done_steps: set[str] = set()
         self.interactive = console.is_terminal
+        self.is_rollback = False
 
     def t(self, key: str, **params) -> str:
         return translate(key, self.locale, **params)
@@ -61,11 +62,11 @@ class TerminalView:
     # -- notifier ---------------------------------------------------------
 
     def output_line(self, run_id: str, step: Step, line: str) -> None:
+        # Output scrolls above the live view, so query results stay on screen.
         self.last_line = line
-        if self.interactive:
-            self._refresh()
-        else:
-            self.console.print(Text(f"    │ {line}"), highlight=False, soft_wrap=True)
+        self.console.print(Text(f"    │ {line}", style="dim" if self.interactive else ""), highlight=False,
+                           soft_wrap=True)
+        self._refresh()
 
     async def notify(self, event: RunEvent) -> None:
         self.plan = event.plan
@@ -74,17 +75,23 @@ class TerminalView:
         step = event.step
         if kind in ("run.started", "run.resumed"):
             self.started = time.monotonic()
+            self.is_rollback = event.data.get("kind") == "rollback"
             self._say("terminal.run_started" if kind == "run.started" else "terminal.run_resumed",
                       runbook=event.plan.runbook, environment=event.plan.environment, run_id=event.run_id)
             self._start_live()
         elif kind == "phase.started":
             self.phase_started[event.phase] = time.monotonic()
-            title = self._phase_title(event.phase)
-            self._say("terminal.phase_started", number=event.phase if event.phase is not None else "-", title=title)
+            if event.phase is None:
+                self._say("terminal.stage_started", title=self._stage_title(event))
+            else:
+                self._say("terminal.phase_started", number=event.phase, title=self._phase_title(event.phase))
         elif kind == "phase.finished":
             self.phase_finished[event.phase] = time.monotonic()
-            self._say("terminal.phase_finished", number=event.phase if event.phase is not None else "-",
-                      minutes=_minutes(event.data.get("actual_seconds", 0)))
+            minutes = _minutes(event.data.get("actual_seconds", 0))
+            if event.phase is None:
+                self._say("terminal.stage_finished", title=self._stage_title(event), minutes=minutes)
+            else:
+                self._say("terminal.phase_finished", number=event.phase, minutes=minutes)
         elif kind == "step.started" and step is not None:
             self.current = step
             self.last_line = ""
@@ -98,9 +105,6 @@ class TerminalView:
             self._say(f"terminal.step_{status}", step_id=step.id, title=step.title,
                       seconds=f"{event.data.get('seconds', 0):.1f}", error=event.data.get("error") or "",
                       actor=event.data.get("actor") or "")
-            if status in ("failed", "timed_out") and event.data.get("tail") and self.interactive:
-                for line in event.data["tail"][-10:]:
-                    self.console.print(Text(f"    │ {line}"), highlight=False)
         elif kind.startswith("run."):
             self._stop_live()
             status = kind.removeprefix("run.")
@@ -113,6 +117,10 @@ class TerminalView:
 
     def _say(self, key: str, **params) -> None:
         self.console.print(Text(self.t(key, **params)), highlight=False)
+
+    def _stage_title(self, event: RunEvent) -> str:
+        """Name the steps outside the phases: the rollback of a rollback run, else verification."""
+        return self.t("terminal.rollback") if self.is_rollback else self.t("terminal.verification")
 
     def _phase_title(self, number: int | None) -> str:
         if self.plan is None:

@@ -140,9 +140,13 @@ class RunbookWriteback:
             word = STATUS_WORDS.get(status)
             heading = self._t(f"writeback.note_run_{status}")
 
+        untick = event.plan.undo_task_lines if is_rollback and status == "completed" else []
+
         def change(lines: list[str]) -> list[str]:
             if word:
                 lines = _set_status(lines, word)
+            for line_number in untick:
+                lines = _untick(lines, line_number)
             if status == "completed" and not is_rollback:
                 lines = _fill_merge_field(lines, ("completed", "完了日"), stamp)
             return _append_note(lines, stamp, heading, details)
@@ -210,6 +214,15 @@ def _tick(lines: list[str], line_number: int, title: str | None) -> list[str]:
             if match and (title is None or title in lines[index] or index == line_number - 1):
                 lines[index] = f"{match.group(1)}x{match.group(3)}"
                 return lines
+    return lines
+
+
+def _untick(lines: list[str], line_number: int) -> list[str]:
+    index = line_number - 1
+    if 0 <= index < len(lines):
+        match = re.match(r"^(\s*[-*+]\s*\[)[xX](\].*)$", lines[index])
+        if match:
+            lines[index] = f"{match.group(1)} {match.group(2)}"
     return lines
 
 

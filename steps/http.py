@@ -91,9 +91,9 @@ class HttpExecutor(BaseExecutor):
         url = step.target_url or context.environment.rewrite_url(step.url or "")
         method = request_method(step)
         if url != step.url and step.url:
-            context.output.write(f"Sending the request for {step.url} to {url}")
+            context.output.write(translate("http.output_rewritten", context.locale, url=step.url, target=url))
         for expectation in step.unchecked_expectations:
-            context.output.write(f"Not checked automatically: {expectation}")
+            context.output.write(translate("http.output_unchecked", context.locale, text=expectation))
 
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -124,7 +124,7 @@ class HttpExecutor(BaseExecutor):
                 if remaining < MIN_ATTEMPT_SECONDS:
                     break
                 delay = min(backoff, remaining - MIN_ATTEMPT_SECONDS)
-                context.output.write(f"Retrying in {delay:.1f} s")
+                context.output.write(translate("http.output_retrying", context.locale, seconds=f"{delay:.1f}"))
                 await asyncio.sleep(delay)
                 backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
 

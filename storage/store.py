@@ -6,6 +6,8 @@ event announcing it, committed before the engine acts on it.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import secrets
 import socket
@@ -18,10 +20,13 @@ from sqlalchemy import and_, delete, event, func, insert, or_, select, text, upd
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from bot.errors import RunConflict, RunNotFound, StoreError
+from bot.errors import ConfigError, RunConflict, RunNotFound, StoreError
 from storage.schema import approvals, events, run_locks, run_steps, runs
 
 HEAD_REVISION = "0001"
+# Any constant shared by every postmerge process; it names the advisory lock
+# that serializes schema migrations on PostgreSQL.
+MIGRATION_LOCK_KEY = 7_042_001
 MIGRATIONS = Path(__file__).parent / "migrations"
 ACTIVE_STATUSES = ("pending", "running", "waiting", "paused")
 TERMINAL_STATUSES = ("completed", "failed", "aborted", "rolled_back")
@@ -33,7 +38,7 @@ def owner_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _owner_alive(owner: str | None) -> bool:
+def owner_alive(owner: str | None) -> bool:
     """Return whether owner is a live process; owners on other hosts count as alive."""
     if not owner:
         return False
@@ -112,7 +117,7 @@ class Store:
     async def open(cls, url: str) -> Store:
         """Connect, tune SQLite for a local file, and migrate the schema to the head."""
         if not url.startswith(("sqlite", "postgresql+asyncpg://")):
-            raise StoreError("store.unsupported_url", url=_safe_url(url))
+            raise ConfigError("store.unsupported_url", url=_safe_url(url))
         try:
             if url.startswith("sqlite"):
                 database = url.split("///", 1)[-1]
@@ -135,6 +140,22 @@ class Store:
         await self.engine.dispose()
 
     async def migrate(self) -> None:
+        """Bring the schema to the head revision; concurrent processes migrate one at a time."""
+        if await self._schema_revision() == HEAD_REVISION:
+            return
+        if isinstance(self.engine, SyncSQLiteEngine):
+            with self.engine.migration_lock():
+                if await self._schema_revision() != HEAD_REVISION:
+                    async with self.engine.begin() as connection:
+                        await connection.run_sync(_upgrade)
+            return
+        async with self.engine.begin() as connection:
+            # The lock is held until this transaction ends, and PostgreSQL runs
+            # Alembic's DDL inside the same transaction.
+            await connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+            await connection.run_sync(_upgrade)
+
+    async def _schema_revision(self) -> str | None:
         async with self.engine.connect() as connection:
             try:
                 result = await connection.execute(text("SELECT version_num FROM alembic_version"))
@@ -142,10 +163,7 @@ class Store:
             except (OperationalError, SQLAlchemyError):
                 current = None
             await connection.rollback()
-        if current == HEAD_REVISION:
-            return
-        async with self.engine.begin() as connection:
-            await connection.run_sync(_upgrade)
+        return current
 
     # -- runs -------------------------------------------------------------
 
@@ -293,7 +311,7 @@ class Store:
         now = time.time()
         if run.owner and run.owner != owner:
             expired = run.heartbeat_at is None or now - run.heartbeat_at > LEASE_SECONDS
-            if not expired and _owner_alive(run.owner):
+            if not expired and owner_alive(run.owner):
                 return False
         async with self.engine.begin() as connection:
             condition = runs.c.owner.is_(None) if run.owner is None else runs.c.owner == run.owner
@@ -482,6 +500,20 @@ class SyncSQLiteEngine:
         # Every transaction ends in COMMIT or ROLLBACK, so the pool need not roll back again.
         self.sync_engine = create_engine(sync_url, connect_args={"timeout": 30}, pool_reset_on_return=None)
         event.listen(self.sync_engine, "connect", _tune_sqlite)
+
+    @contextlib.contextmanager
+    def migration_lock(self):
+        """Hold an exclusive file lock beside the database while one process migrates it."""
+        database = self.sync_engine.url.database
+        if not database or database == ":memory:":
+            yield
+            return
+        with open(f"{database}.migrate-lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def begin(self) -> _SyncContext:
         return _SyncContext(self.sync_engine.begin)

@@ -324,7 +324,10 @@ def test_cli_status_and_abort_of_orphaned_run(home):
                 run = runs[0]
                 break
             time.sleep(0.2)
-        assert run is not None
+        if run is None:
+            process.kill()
+            pytest.fail(f"the step never ran; last status: {result.stdout} {result.stderr}\n"
+                        f"run output:\n{process.communicate()[0]}")
         process.send_signal(signal.SIGKILL)
         process.wait(10)
         aborted = run_cli("abort", run["id"], home=home)
@@ -338,13 +341,13 @@ def test_cli_status_and_abort_of_orphaned_run(home):
             process.kill()
 
 
-@pytest.mark.parametrize(("url", "expected"), [
-    ("foo://bar", "is not supported"),
-    ("postgresql://postgres:secret@127.0.0.1:1/none", "cannot connect to database"),
+@pytest.mark.parametrize(("url", "code", "expected"), [
+    ("foo://bar", 2, "is not supported"),
+    ("postgresql://postgres:secret@127.0.0.1:1/none", 1, "cannot connect to database"),
 ])
-def test_cli_bad_database_url(home, url, expected):
-    result = run_cli("--db", url, "status", home=home)
-    assert result.returncode == 1
+def test_cli_bad_database_url(home, url, code, expected):
+    result = run_cli("status", "--db", url, home=home)
+    assert result.returncode == code
     assert expected in result.stderr
     assert "secret" not in result.stderr
     assert "Traceback" not in result.stderr
@@ -352,7 +355,7 @@ def test_cli_bad_database_url(home, url, expected):
 
 def test_cli_unknown_run_id(home):
     result = run_cli("resume", "deadbeef", home=home)
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "run deadbeef not found" in result.stderr
 
 
@@ -376,7 +379,9 @@ def test_cli_abort_while_prompt_waits(home):
             if runs and runs[0]["status"] == "waiting":
                 run_id = runs[0]["id"]
             time.sleep(0.2)
-        assert run_id is not None
+        if run_id is None:
+            process.kill()
+            pytest.fail(f"the run never waited at its prompt; output:\n{process.communicate()[0]}")
         assert run_cli("abort", run_id, home=home).returncode == 0
         output, _ = process.communicate(timeout=15)
         assert process.returncode == 2
@@ -384,3 +389,18 @@ def test_cli_abort_while_prompt_waits(home):
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_store_concurrent_first_open(store_url):
+    import subprocess
+    import sys
+
+    # Several processes that open a new store at once must not all create the schema.
+    code = "import asyncio, sys\nfrom storage import Store\n" \
+           "async def main():\n    store = await Store.open(sys.argv[1])\n    await store.close()\n" \
+           "asyncio.run(main())\n"
+    processes = [subprocess.Popen([sys.executable, "-c", code, store_url], stderr=subprocess.PIPE, text=True)
+                 for _ in range(6)]
+    for process in processes:
+        _, error = process.communicate(timeout=60)
+        assert process.returncode == 0, error
