@@ -26,8 +26,9 @@ def build_parser(locale: str) -> argparse.ArgumentParser:
     common.add_argument("--db", default=argparse.SUPPRESS, help=t("cli.help_db"))
     common.add_argument("--config", type=Path, default=argparse.SUPPRESS, help=t("cli.help_config"))
     common.add_argument("--locale", choices=("ja", "en"), default=argparse.SUPPRESS, help=t("cli.help_locale"))
+    # The actions are shared with every subcommand, so their default stays
+    # SUPPRESS (set_defaults would change it for all) and parse_arguments fills in None.
     parser = argparse.ArgumentParser(prog="postmerge", description=t("cli.description"), parents=[common])
-    parser.set_defaults(db=None, config=None, locale=None)
     commands = _Subcommands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"), common)
 
     lint = commands.add_parser("lint", help=t("cli.help_lint"))
@@ -87,6 +88,14 @@ class _Subcommands:
         return self.action.add_parser(name, parents=[self.common], **options)
 
 
+def parse_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    args = parser.parse_args(argv)
+    for name in ("db", "config", "locale"):
+        if not hasattr(args, name):
+            setattr(args, name, None)
+    return args
+
+
 def exit_code_for(error: PostmergeError) -> int:
     """Return 1 for a failure of the work itself, 2 for a request that cannot be carried out."""
     if isinstance(error, RunbookError):
@@ -99,8 +108,7 @@ def exit_code_for(error: PostmergeError) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     locale = current_locale(_early_locale(argv))
-    parser = build_parser(locale)
-    args = parser.parse_args(argv)
+    args = parse_arguments(build_parser(locale), argv)
     locale = current_locale(args.locale)
     # Messages built deep in the engine read the locale from the environment.
     os.environ["POSTMERGE_LOCALE"] = locale

@@ -116,3 +116,16 @@ def test_plan_table_in_english(home):
     result = run_cli("plan", str(REPO / "examples" / "english-cache-rollout.md"), home=home)
     assert result.returncode == 0
     assert "Plan: cache-rollout" in result.stdout
+
+
+def test_common_options_before_or_after_command():
+    from bot.cli import build_parser, parse_arguments
+
+    parser = build_parser("en")
+    for argv in (["--db", "sqlite:///x.db", "status"], ["status", "--db", "sqlite:///x.db"]):
+        args = parse_arguments(parser, argv)
+        assert args.db == "sqlite:///x.db", argv
+        assert args.locale is None
+    args = parse_arguments(parser, ["--locale", "en", "sandbox", "up"])
+    assert args.locale == "en"
+    assert args.config is None

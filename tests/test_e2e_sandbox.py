@@ -92,6 +92,7 @@ def test_real_runbook_completes(sandbox, backend):
         assert status["runs"][0]["status"] == "completed"
         events = events_of(home, env, run_id, store_url if store_name else None)
         finished = {event["step_id"]: event["id"] for event in events if event["type"] == "step.succeeded"}
+        assert "p2.2" in finished, [(event["type"], event["step_id"]) for event in events][:30]
         started = {event["step_id"]: event["id"] for event in events if event["type"] == "step.started"}
         # The backup finished before the conversion started.
         assert finished["p2.2"] < started["p2.3"]
