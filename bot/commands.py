@@ -135,8 +135,9 @@ def print_plan(console: Console, plan: Plan, locale: str, *, dry_run: bool = Fal
         table.add_column("ID", no_wrap=True)
         table.add_column(t("plan.col_kind"), no_wrap=True)
         table.add_column(t("plan.col_mode"), no_wrap=True)
-        table.add_column(t("plan.col_step"))
-        table.add_column(t("plan.col_detail"))
+        # fold breaks long Japanese text without spaces instead of cutting it off.
+        table.add_column(t("plan.col_step"), overflow="fold")
+        table.add_column(t("plan.col_detail"), overflow="fold")
         for step in steps:
             mode = t("plan.automated") if step.automated else t("plan.manual")
             if step.requires_approval:
@@ -401,7 +402,7 @@ async def status_command(args, console: Console, locale: str, store) -> int:
     t = lambda message_key, **params: translate(message_key, locale, **params)  # noqa: E731 - local shorthand
     table = Table(expand=True)
     for column in ("run", "runbook", "environment", "status", "phase", "progress", "started"):
-        table.add_column(t(f"status.col_{column}"))
+        table.add_column(t(f"status.col_{column}"), overflow="fold")
     for row in rows:
         phase = str(row["current_phase"] or "-")
         if row["current_step"]:

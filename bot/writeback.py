@@ -159,7 +159,8 @@ class RunbookWriteback:
         return translate(key, self.language, **params)
 
     def _edit(self, change) -> None:
-        text = self.path.read_text(encoding="utf-8")
+        # Bytes, not read_text: universal newlines would turn CRLF into LF.
+        text = self.path.read_bytes().decode("utf-8")
         newline = "\r\n" if "\r\n" in text else "\n"
         trailing = text.endswith(("\n", "\r\n"))
         lines = text.splitlines()
