@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from bot.errors import ConfigError, PostmergeError, RunbookError, RunConflict, RunNotFound, UsageError
-from bot.i18n import current_locale, translate
+from bot.i18n import LOCALES, current_locale, translate
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -107,6 +107,10 @@ def exit_code_for(error: PostmergeError) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    configured = os.environ.get("POSTMERGE_LOCALE")
+    if configured is not None and configured not in LOCALES:
+        print(f"postmerge: POSTMERGE_LOCALE must be ja or en, not {configured!r}", file=sys.stderr)
+        return EXIT_USAGE
     locale = current_locale(_early_locale(argv))
     args = parse_arguments(build_parser(locale), argv)
     locale = current_locale(args.locale)
@@ -119,8 +123,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from rich.console import Console
 
-    console = Console(stderr=False, highlight=False)
-    error_console = Console(stderr=True, highlight=False)
+    # soft_wrap keeps messages on one line when the output is not a terminal.
+    console = Console(stderr=False, highlight=False, soft_wrap=True)
+    console.on_broken_pipe = _reader_went_away
+    error_console = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
         if args.command == "lint":
             from bot.commands import lint_command
@@ -140,6 +146,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         error_console.print(translate("cli.interrupted", locale), style="red")
         return EXIT_USAGE
+    except BrokenPipeError:
+        _quiet_stdout()
+        return EXIT_OK
+
+
+def _quiet_stdout() -> None:
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
+def _reader_went_away() -> None:
+    # The reader closed the pipe (`postmerge plan | head`): not a failure of postmerge.
+    _quiet_stdout()
+    raise SystemExit(EXIT_OK)
 
 
 def _early_locale(argv: list[str]) -> str | None:

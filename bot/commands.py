@@ -34,8 +34,8 @@ def _settings(args: argparse.Namespace) -> Settings:
         raise ConfigError("config.invalid_setting", name=name, error=first["msg"]) from None
     if getattr(args, "config", None):
         settings.config = args.config
-        if not args.config.is_file():
-            raise ConfigError("config.not_found", path=str(args.config))
+        # A config file named on the command line is read now, so a mistake in it shows at once.
+        load_environments(settings)
     return settings
 
 
@@ -86,9 +86,10 @@ def lint_command(args: argparse.Namespace, console: Console, locale: str) -> int
     try:
         _, _, problems = load_and_plan(args.file, None)
     except RunbookError as error:
+        # The file could not be read at all: a usage error, not an unsound runbook.
         console.print(Text(f"{args.file}:1: {translate('lint.severity_error', locale)}: {error.render(locale)}",
                            style="red"), soft_wrap=True)
-        return EXIT_FAILED
+        return EXIT_USAGE
     _print_problems(console, args.file, problems, locale)
     if any(problem.severity is Severity.ERROR for problem in problems):
         return EXIT_FAILED
@@ -310,6 +311,9 @@ async def _confirm_rollback(console: Console, locale: str, run_id: str, steps) -
     for step in steps:
         mode = translate("plan.automated" if step.automated else "plan.manual", locale)
         console.print(Text(f"  {step.id}  [{step.kind}, {mode}]  {step.title}"), highlight=False)
+        command = step.run_command or (step.commands[0] if step.commands else None)
+        if command:
+            console.print(Text(f"        $ {command}", style="dim"), highlight=False)
     reader = StdinLines()
     while True:
         console.print(Text(translate("cli.rollback_confirm", locale)), end="")

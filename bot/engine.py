@@ -153,12 +153,12 @@ class Engine:
         if run.status == "pending":
             await self.store.update_run(run.id, status="running", started_at=now, owner=self.owner,
                                         event_type="run.started", actor=run.started_by)
-            await self._emit("run.started", run.id, plan, data={"kind": run.kind})
-        else:
-            await self.store.update_run(run.id, status="running", event_type="run.resumed", actor=self.actor)
-            await self._emit("run.resumed", run.id, plan, data={"kind": run.kind})
-
+            await self._emit("run.started", run.id, plan, data={"kind": run.kind, "started_at": now})
         records = {record.step_id: record for record in await self.store.steps(run.id)}
+        if run.status != "pending":
+            await self.store.update_run(run.id, status="running", event_type="run.resumed", actor=self.actor)
+            await self._emit("run.resumed", run.id, plan, data=self._resume_state(run, steps, records))
+
         progress = _Progress()
         current_phase: int | None = run.current_phase
         try:
@@ -199,6 +199,20 @@ class Engine:
                                           failed_step=failed.id if failed else None)
 
         return await self._finish_run(run, plan, "completed")
+
+    def _resume_state(self, run: RunRecord, steps: dict[str, Step], records: dict[str, StepRecord]) -> dict:
+        """Describe what a resumed run already did, so progress views start where it stopped."""
+        done = [step_id for step_id, record in records.items() if record.status in DONE_STEP_STATUSES]
+        finished_phases: dict[int, float] = {}
+        for number in {step.phase for step in steps.values() if step.phase is not None}:
+            phase_records = [records[step.id] for step in steps.values() if step.phase == number]
+            if phase_records and all(record.status in DONE_STEP_STATUSES for record in phase_records):
+                started = [record.started_at for record in phase_records if record.started_at]
+                finished = [record.finished_at for record in phase_records if record.finished_at]
+                finished_phases[number] = (max(finished) - min(started)) if started and finished else 0.0
+        started_at = run.started_at or time.time()
+        return {"kind": run.kind, "done_steps": done, "finished_phases": finished_phases,
+                "started_at": started_at, "elapsed_seconds": time.time() - started_at}
 
     async def _finish_phase(self, run: RunRecord, plan: Plan, phase: int | None, records: dict[str, StepRecord]) -> None:
         phase_steps = [records[step.id] for step in self._ordered_steps(run, plan) if step.phase == phase]
@@ -315,7 +329,12 @@ class Engine:
         started = time.time()
         await self.store.update_step(run.id, step.id, status="waiting", attempt=attempt, started_at=started,
                                      event_type="step.waiting", run_values={"status": "waiting"})
-        answer = await self._gate(run, plan, step, attempt, kind)
+        try:
+            answer = await self._gate(run, plan, step, attempt, kind)
+        except RunAborted as aborted:
+            await self.store.update_step(run.id, step.id, status="rejected", decided_by=aborted.actor,
+                                         finished_at=time.time(), event_type="step.rejected", actor=aborted.actor)
+            raise
         status = {"approved": "approved", "done": "succeeded", "skipped": "skipped"}.get(answer.decision)
         finished = time.time()
         if status is None:
@@ -338,9 +357,13 @@ class Engine:
             return GateAnswer(existing["decision"], existing["decided_by"])
 
         await self._emit(f"gate.{kind}", run.id, plan, step=step, phase=step.phase)
+        choices = CHOICES[kind]
+        if kind == "manual" and step.requires_approval:
+            # A person carries out a gated step by hand: it may be done or the run stopped, never skipped.
+            choices = ("done", "abort")
         request = GateRequest(
             run_id=run.id, kind=kind, step=step, attempt=attempt, approval_id=approval_id,
-            started_by=run.started_by, locale=self.locale, choices=CHOICES[kind],
+            started_by=run.started_by, locale=self.locale, choices=choices,
             details=self._gate_details(step, kind),
         )
         self._interruptible = True

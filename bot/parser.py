@@ -147,10 +147,10 @@ class RunbookParser:
 
     # -- problems ---------------------------------------------------------
 
-    def error(self, line: int, key: str, **params: str | int | float) -> None:
+    def error(self, line: int, key: str, /, **params: str | int | float) -> None:
         self.problems.append(Problem(line=line, severity=Severity.ERROR, key=key, params=params))
 
-    def warning(self, line: int, key: str, **params: str | int | float) -> None:
+    def warning(self, line: int, key: str, /, **params: str | int | float) -> None:
         self.problems.append(Problem(line=line, severity=Severity.WARNING, key=key, params=params))
 
     # -- entry point ------------------------------------------------------
@@ -210,6 +210,10 @@ class RunbookParser:
             self.warning(1, "lint.missing_title", name=self.runbook.name)
         elif "tasks" not in sections_seen and "execution_order" not in sections_seen:
             self.error(1, "lint.no_tasks")
+        elif "execution_order" not in sections_seen:
+            self.error(1, "lint.no_execution_order")
+        elif not any(phase.lines for phase in self.runbook.phases):
+            self.error(1, "lint.empty_execution_order")
 
         self._finish()
         self.runbook.problems = sorted(self.problems, key=lambda problem: problem.line)
@@ -218,11 +222,22 @@ class RunbookParser:
     # -- whole-file checks -------------------------------------------------
 
     def _check_fences(self) -> None:
-        """Report a fenced code block that is never closed, at its opening line."""
+        """Report a fenced code block that is never closed, or that swallows a runbook section.
+
+        A stray fence pairs with the next block's closing fence, so the
+        sections between them become code: a section heading inside a code
+        block is reported at the fence that opened it.
+        """
         opening: tuple[int, str, int] | None = None
+        reported: set[int] = set()
         for number, raw in enumerate(self.lines, start=1):
             stripped = raw.lstrip(" ")
             indent = len(raw) - len(stripped)
+            if opening is not None and indent < 4 and re.match(r"^#{1,3}\s+\S", stripped):
+                heading = stripped.lstrip("#").strip()
+                if (_section_of(heading) or _TITLE.match(heading)) and opening[0] not in reported:
+                    reported.add(opening[0])
+                    self.error(opening[0], "lint.fence_swallows_section", heading=stripped.strip(), heading_line=number)
             if opening is None:
                 match = re.match(r"(`{3,}|~{3,})(.*)$", stripped)
                 if match and indent < 4 and not ("`" in match.group(2) and match.group(1)[0] == "`"):
@@ -230,7 +245,8 @@ class RunbookParser:
                 continue
             fence_char, fence_length = opening[1], opening[2]
             match = re.match(r"(`{3,}|~{3,})\s*$", stripped)
-            if match and match.group(1)[0] == fence_char and len(match.group(1)) >= fence_length:
+            closes = match and indent < 4 and match.group(1)[0] == fence_char and len(match.group(1)) >= fence_length
+            if closes:
                 opening = None
         if opening is not None:
             self.error(opening[0], "lint.unterminated_fence")

@@ -129,10 +129,10 @@ class Planner:
         self.problems: list[Problem] = []
         self.thresholds = self._read_thresholds()
 
-    def warning(self, line: int, key: str, **params: str | int | float) -> None:
+    def warning(self, line: int, key: str, /, **params: str | int | float) -> None:
         self.problems.append(Problem(line=line, severity=Severity.WARNING, key=key, params=params))
 
-    def error(self, line: int, key: str, **params: str | int | float) -> None:
+    def error(self, line: int, key: str, /, **params: str | int | float) -> None:
         self.problems.append(Problem(line=line, severity=Severity.ERROR, key=key, params=params))
 
     # -- entry point ------------------------------------------------------

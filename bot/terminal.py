@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import getpass
 import os
+import termios
 import time
 
 from rich.console import Console, Group
@@ -74,8 +75,12 @@ class TerminalView:
         kind = event.type
         step = event.step
         if kind in ("run.started", "run.resumed"):
-            self.started = time.monotonic()
+            self.started = time.monotonic() - event.data.get("elapsed_seconds", 0.0)
             self.is_rollback = event.data.get("kind") == "rollback"
+            self.done_steps.update(event.data.get("done_steps", []))
+            for number, seconds in event.data.get("finished_phases", {}).items():
+                self.phase_started[int(number)] = time.monotonic() - seconds
+                self.phase_finished[int(number)] = time.monotonic()
             self._say("terminal.run_started" if kind == "run.started" else "terminal.run_resumed",
                       runbook=event.plan.runbook, environment=event.plan.environment, run_id=event.run_id)
             self._start_live()
@@ -212,12 +217,17 @@ class TerminalInteraction:
     async def _ask(self, request: GateRequest) -> GateAnswer:
         t = lambda message_key, **params: translate(message_key, self.locale, **params)  # noqa: E731 - local shorthand
         step = request.step
-        self.console.print(Text(t(f"gate.title_{request.kind}", step_id=step.id, title=step.title), style="bold yellow"))
+        title_key = f"gate.title_{request.kind}"
+        if request.kind == "manual" and step.requires_approval:
+            title_key = "gate.title_manual_approval"
+        self.console.print(Text(t(title_key, step_id=step.id, title=step.title), style="bold yellow"))
         for line in request.details:
             self.console.print(Text(f"  {line}"), highlight=False)
         labels = {choice: t(f"gate.choice_{choice}") for choice in request.choices}
         keys = {label.split(")")[0].strip("("): choice for choice, label in labels.items()}
         prompt = " / ".join(labels.values())
+        # Keys typed while steps were running must not answer this question.
+        self.reader.discard_typeahead()
         while True:
             self.console.print(Text(f"{prompt}: "), end="")
             raw = await self.reader.readline()
@@ -242,6 +252,16 @@ class StdinLines:
         self.fd = fd
         self.pending = b""
         self.closed = False
+
+    def discard_typeahead(self) -> None:
+        """Drop what a person typed before the prompt appeared; only on a terminal.
+
+        Piped input is a script of answers given in advance, so it is kept.
+        """
+        if not os.isatty(self.fd):
+            return
+        self.pending = b""
+        termios.tcflush(self.fd, termios.TCIFLUSH)
 
     async def readline(self) -> str | None:
         """Return the next line without its newline, or None at end of input."""

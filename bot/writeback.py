@@ -65,6 +65,7 @@ class RunbookWriteback:
     async def notify(self, event: RunEvent) -> None:
         handler = {
             "run.started": self._on_run_started,
+            "run.resumed": self._on_run_resumed,
             "step.succeeded": self._on_step_done,
             "step.approved": self._on_step_done,
             "phase.finished": self._on_phase_finished,
@@ -77,8 +78,14 @@ class RunbookWriteback:
 
     # -- events -----------------------------------------------------------
 
+    def _on_run_resumed(self, event: RunEvent) -> None:
+        self.run_started = event.data.get("started_at") or time.time()
+        self._edit(lambda lines: _append_note(lines, _stamp(), self._t("writeback.note_resumed"),
+                                              [self._t("writeback.started_detail", run_id=event.run_id,
+                                                       environment=event.plan.environment)]))
+
     def _on_run_started(self, event: RunEvent) -> None:
-        self.run_started = time.time()
+        self.run_started = event.data.get("started_at") or time.time()
         stamp = _stamp()
         if event.data.get("kind") == "rollback":
             self._edit(lambda lines: _append_note(lines, stamp, self._t("writeback.note_rollback_started"),

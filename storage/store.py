@@ -548,13 +548,11 @@ def _upgrade(sync_connection) -> None:
 
 
 def _safe_url(url: str) -> str:
-    """Hide the password of a database URL before it is shown."""
-    from sqlalchemy.engine import make_url
+    """Hide the password of a database URL, and the async driver name added to it, before it is shown."""
+    import re
 
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - an unparsable URL is shown as a placeholder
-        return "<invalid database URL>"
+    shown = re.sub(r"^(postgresql|sqlite)\+(asyncpg|aiosqlite)://", r"\1://", url)
+    return re.sub(r"(://[^/:@]*:)[^@/]*@", r"\1***@", shown)
 
 
 def _first_line(error: BaseException) -> str:

@@ -77,7 +77,7 @@ def test_lint_not_a_runbook(home):
 
 def test_lint_missing_file(home):
     result = run_cli("lint", str(home / "missing.md"), home=home)
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "not found" in result.stdout
     assert "Traceback" not in result.stderr
 
@@ -129,3 +129,26 @@ def test_common_options_before_or_after_command():
     args = parse_arguments(parser, ["--locale", "en", "sandbox", "up"])
     assert args.locale == "en"
     assert args.config is None
+
+
+def test_plan_piped_into_head_exits_zero(home):
+    import subprocess
+    import sys
+
+    from conftest import cli_env
+
+    command = f"{sys.executable} -m bot.cli plan {REAL_RUNBOOK} | head -n 1; exit ${{PIPESTATUS[0]}}"
+    result = subprocess.run(command, shell=True,
+                            env=cli_env(home), capture_output=True, text=True, executable="/bin/bash",
+                            cwd=home)
+    assert result.stdout.startswith("Plan: api-v2-migration")
+    assert result.stderr == ""
+    assert result.returncode == 0
+
+
+def test_invalid_locale_variable_rejected(home):
+    from conftest import cli_env
+
+    result = run_cli("status", home=home, env=cli_env(home, POSTMERGE_LOCALE="fr"))
+    assert result.returncode == 2
+    assert "POSTMERGE_LOCALE must be ja or en, not 'fr'" in result.stderr

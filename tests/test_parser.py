@@ -150,3 +150,15 @@ def test_rollback_unknown_phase_reported():
 
 def test_not_a_runbook_reported():
     assert _keys("# Shopping list\n\n- milk\n") == [(1, "lint.not_a_runbook")]
+
+
+def test_stray_fence_swallowing_sections_reported():
+    text = (HEAD + "- [ ] a: `echo a`\n\n```bash\n\n## Execution Notes\n\n### Execution Order\n\n"
+            "**Phase 1: x（5分）**\n1. a\n\n```\n")
+    keys = _keys(text)
+    assert (8, "lint.fence_swallows_section") in keys
+    assert (1, "lint.no_execution_order") in keys
+
+
+def test_missing_execution_order_reported():
+    assert (1, "lint.no_execution_order") in _keys(HEAD + "- [ ] a: `echo a`\n")
