@@ -404,3 +404,40 @@ def test_store_concurrent_first_open(store_url):
     for process in processes:
         _, error = process.communicate(timeout=60)
         assert process.returncode == 0, error
+
+
+def test_cli_ignores_keys_typed_before_prompt(home):
+    import pty
+    import subprocess
+    import sys
+
+    config = write_config(home)
+    runbook = home / "runbook.md"
+    runbook.write_text(runbook_text("- [ ] wait: `sleep 2`\n- [ ] check: 手で確認する",
+                                    "**Phase 1: a（1分）**\n1. wait\n2. check"))
+    # The run reads a terminal, as it does for a person.
+    leader, follower = pty.openpty()
+    process = subprocess.Popen([sys.executable, "-m", "bot.cli", "--config", str(config), "run", str(runbook),
+                                "--env", "local"], cwd=home, env=cli_env(home), stdin=follower,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    os.close(follower)
+    try:
+        time.sleep(1.0)
+        os.write(leader, b"d\n")  # typed while `sleep 2` still runs
+        deadline = time.monotonic() + 30
+        waiting = False
+        while time.monotonic() < deadline and not waiting:
+            runs = json.loads(run_cli("status", "--json", home=home).stdout)["runs"]
+            waiting = bool(runs) and runs[0]["status"] == "waiting"
+            time.sleep(0.3)
+        assert waiting
+        time.sleep(1.0)
+        runs = json.loads(run_cli("status", "--json", home=home).stdout)["runs"]
+        assert runs[0]["status"] == "waiting"
+        os.write(leader, b"d\n")
+        output, _ = process.communicate(timeout=30)
+        assert process.returncode == 0, output
+    finally:
+        os.close(leader)
+        if process.poll() is None:
+            process.kill()
