@@ -204,14 +204,18 @@ class Engine:
         """Describe what a resumed run already did, so progress views start where it stopped."""
         done = [step_id for step_id, record in records.items() if record.status in DONE_STEP_STATUSES]
         finished_phases: dict[int, float] = {}
+        started_phases: dict[int, float] = {}
         for number in {step.phase for step in steps.values() if step.phase is not None}:
             phase_records = [records[step.id] for step in steps.values() if step.phase == number]
+            started = [record.started_at for record in phase_records if record.started_at]
+            finished = [record.finished_at for record in phase_records if record.finished_at]
             if phase_records and all(record.status in DONE_STEP_STATUSES for record in phase_records):
-                started = [record.started_at for record in phase_records if record.started_at]
-                finished = [record.finished_at for record in phase_records if record.finished_at]
                 finished_phases[number] = (max(finished) - min(started)) if started and finished else 0.0
+            elif started:
+                started_phases[number] = time.time() - min(started)
         started_at = run.started_at or time.time()
         return {"kind": run.kind, "done_steps": done, "finished_phases": finished_phases,
+                "started_phases": started_phases,
                 "started_at": started_at, "elapsed_seconds": time.time() - started_at}
 
     async def _finish_phase(self, run: RunRecord, plan: Plan, phase: int | None, records: dict[str, StepRecord]) -> None:

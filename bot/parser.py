@@ -211,7 +211,9 @@ class RunbookParser:
         elif "tasks" not in sections_seen and "execution_order" not in sections_seen:
             self.error(1, "lint.no_tasks")
         elif "execution_order" not in sections_seen:
-            self.error(1, "lint.no_execution_order")
+            # A fence that swallowed the Execution Order is the cause; report only that.
+            if not any(problem.key == "lint.fence_swallows_section" for problem in self.problems):
+                self.error(1, "lint.no_execution_order")
         elif not any(phase.lines for phase in self.runbook.phases):
             self.error(1, "lint.empty_execution_order")
 

@@ -63,7 +63,7 @@ def build_rollback_plan(run: RunRecord, records: list[StepRecord], locale_title:
     succeeded = {record.step_id for record in records if record.status == "succeeded"}
     undo_lines = sorted({
         step.task_line for step in plan.steps()
-        if step.id in succeeded and step.phase in covered and step.task_line is not None
+        if step.id in succeeded and step.phase in covered and step.task_line is not None and step.automated
     })
     return plan.model_copy(update={"phases": [], "verification": [], "rollback": rollback_groups, "emergency": [],
                                    "undo_task_lines": undo_lines})

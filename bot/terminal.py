@@ -81,6 +81,8 @@ class TerminalView:
             for number, seconds in event.data.get("finished_phases", {}).items():
                 self.phase_started[int(number)] = time.monotonic() - seconds
                 self.phase_finished[int(number)] = time.monotonic()
+            for number, seconds in event.data.get("started_phases", {}).items():
+                self.phase_started[int(number)] = time.monotonic() - seconds
             self._say("terminal.run_started" if kind == "run.started" else "terminal.run_resumed",
                       runbook=event.plan.runbook, environment=event.plan.environment, run_id=event.run_id)
             self._start_live()
@@ -116,6 +118,8 @@ class TerminalView:
             style = {"completed": "bold green", "failed": "bold red"}.get(status, "bold yellow")
             message = self.t(f"terminal.run_{status}", run_id=event.run_id, error=event.data.get("error") or "")
             self.console.print(Text(message, style=style))
+            if status in ("failed", "aborted") and event.data.get("kind") == "run":
+                self.console.print(Text(self.t("terminal.rollback_hint", run_id=event.run_id)))
         self._refresh()
 
     # -- rendering --------------------------------------------------------

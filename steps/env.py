@@ -64,7 +64,7 @@ class EnvExecutor(BaseExecutor):
                 data["previous_lines"][key] = previous.line if previous else None
             text, added_newline = set_variable(text, key, value, path)
             data["added_newline"] = data["added_newline"] or added_newline
-            context.output.write(_change_line(key, value, previous.value if previous else None, path))
+            context.output.write(_change_line(key, value, previous.value if previous else None, path, context.locale))
 
         # The previous values are stored before the file changes, so a repeat
         # after an interruption still has the values from before the run.
@@ -73,7 +73,7 @@ class EnvExecutor(BaseExecutor):
         if new != original:
             await asyncio.to_thread(write_atomically, path, new)
         else:
-            context.output.write(f"{path} is unchanged")
+            context.output.write(translate("env.output_unchanged", context.locale, path=path))
 
         summary = translate("env.summary", context.locale, count=len(step.variables), file=str(path))
         return StepResult(ok=True, summary=summary, data=data)
@@ -89,7 +89,7 @@ class EnvExecutor(BaseExecutor):
         if original is None:
             if data.get("existed"):
                 raise StepError("env.rollback_file_missing", file=str(path))
-            context.output.write(f"{path} does not exist, so there is nothing to restore")
+            context.output.write(translate("env.output_nothing_to_restore", context.locale, path=path))
             summary = translate("env.rollback_summary", context.locale, count=0, file=str(path))
             return StepResult(ok=True, summary=summary, data={"file": str(path), "restored": []})
 
@@ -98,17 +98,17 @@ class EnvExecutor(BaseExecutor):
         for key, value in previous.items():
             if value is None:
                 text = remove_variable(text, key, path)
-                context.output.write(f"Removed {key} from {path}")
+                context.output.write(translate("env.output_removed", context.locale, key=key, path=path))
             else:
                 text = restore_variable(text, key, value, previous_lines.get(key), path)
                 displayed = "***" if SECRET_KEY.search(key) else value
-                context.output.write(f"Restored {key}={displayed} in {path}")
+                context.output.write(translate("env.output_restored", context.locale, key=key, value=displayed, path=path))
         if data.get("added_newline"):
             text = LINE_END.sub("", text, count=1)
 
         if not data.get("existed", True) and text == "":
             await asyncio.to_thread(_remove_file, path)
-            context.output.write(f"Deleted {path}, which the step had created")
+            context.output.write(translate("env.output_deleted", context.locale, path=path))
         elif _encode(text) != original:
             await asyncio.to_thread(write_atomically, path, _encode(text))
 
@@ -258,15 +258,15 @@ def _initial_data(context: StepContext, path: Path, existed: bool) -> dict[str, 
     }
 
 
-def _change_line(key: str, value: str, previous: str | None, path: Path) -> str:
+def _change_line(key: str, value: str, previous: str | None, path: Path, locale: str) -> str:
     secret = SECRET_KEY.search(key) is not None
     displayed = "***" if secret else value
     if previous is None:
-        return f"Added {key}={displayed} to {path}"
+        return translate("env.output_added", locale, key=key, value=displayed, path=path)
     if previous == value:
-        return f"{key}={displayed} is already set in {path}"
+        return translate("env.output_already_set", locale, key=key, value=displayed, path=path)
     displayed_previous = "***" if secret else previous
-    return f"Set {key}={displayed} in {path} (was {displayed_previous})"
+    return translate("env.output_set", locale, key=key, value=displayed, path=path, previous=displayed_previous)
 
 
 def _read(path: Path) -> bytes | None:
