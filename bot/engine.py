@@ -1,7 +1,7 @@
 """The engine: carries out a stored plan step by step, durably.
 
 Each transition (a step marked running, succeeded, failed) is committed with
-its event before the effect it announces, so after a crash the store tells
+its event before the effect it announces, so after a crash the store records
 which effects may have happened. A step found `running` when a run is picked
 up again was interrupted: it runs again if its executor says a repeat is
 safe, and otherwise a person decides.
@@ -40,7 +40,7 @@ class RunAborted(Exception):
 
 
 class RunPaused(Exception):
-    """A gate got no answer (no terminal, or --yes for a question it may not answer)."""
+    """A gate received no decision: stdin closed, or --yes met a question it must not decide."""
 
 
 class StepFailed(Exception):
@@ -117,7 +117,7 @@ class Engine:
     # -- driving ----------------------------------------------------------
 
     async def drive(self, run_id: str) -> RunOutcome:
-        """Carry a run forward until it completes, fails, is aborted or waits on nobody."""
+        """Carry a run forward until it completes, fails, is aborted or pauses for a decision."""
         run = await self.store.get_run(run_id)
         if run.status not in ("pending", "running", "waiting", "paused"):
             raise UsageError("engine.run_not_active", run_id=run.id, status=translate(f"status.{run.status}", self.locale))
