@@ -1,0 +1,163 @@
+"""A notifier that mirrors a run into Slack: one root message edited in place, a reply per phase.
+
+Edits are coalesced because Slack limits chat.update to about 50 calls a
+minute and chat.postMessage to about one a second per channel. So the root
+message is updated at most once per `update_interval` seconds, and posts to
+the channel are spaced by `post_interval`. A Slack error or
+outage never reaches the engine: the run's state is in the store, and the
+next flush sends the latest state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from bot.gates import RunEvent
+from bot.plan import Plan, Step
+from bot.slack.blocks import phase_reply, root_message
+from bot.slack.views import build_run_view, step_reports
+
+log = logging.getLogger(__name__)
+
+FINAL_EVENTS = ("run.completed", "run.failed", "run.aborted", "run.paused")
+
+
+class SlackRunNotifier:
+    def __init__(self, client, store, channel: str, locale: str, *, update_interval: float = 1.2,
+                 post_interval: float = 1.1) -> None:
+        self.client = client
+        self.store = store
+        self.channel = channel
+        self.locale = locale
+        self.update_interval = update_interval
+        self.post_interval = post_interval
+        self.root_ts: dict[str, str] = {}
+        self.plans: dict[str, Plan] = {}
+        self._dirty: set[str] = set()
+        self._pending_replies: list[tuple[str, int | None]] = []
+        self._last_update = 0.0
+        self._last_post = 0.0
+        self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._flusher: asyncio.Task | None = None
+        self.failures = 0
+
+    # -- notifier interface -----------------------------------------------
+
+    def output_line(self, run_id: str, step: Step, line: str) -> None:
+        self._mark(run_id)
+
+    async def notify(self, event: RunEvent) -> None:
+        self.plans[event.run_id] = event.plan
+        if event.type == "phase.finished":
+            self._pending_replies.append((event.run_id, event.phase))
+        if event.type in ("step.failed", "step.timed_out"):
+            self._pending_replies.append((event.run_id, event.phase))
+        self._mark(event.run_id)
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush_loop())
+        if event.type in FINAL_EVENTS:
+            await self.flush()
+
+    async def close(self) -> None:
+        await self.flush()
+        if self._flusher is not None:
+            self._flusher.cancel()
+            try:
+                await self._flusher
+            except asyncio.CancelledError:
+                pass
+            self._flusher = None
+
+    # -- flushing ---------------------------------------------------------
+
+    def _mark(self, run_id: str) -> None:
+        self._dirty.add(run_id)
+        self._wake.set()
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            wait = self._last_update + self.update_interval - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            await self.flush(respect_interval=True)
+
+    async def flush(self, respect_interval: bool = False) -> None:
+        """Send the latest state of every changed run, and the phase replies waiting."""
+        # The flush loop and a final event may flush at once. The lock makes the root post happen once.
+        async with self._lock:
+            await self._flush(respect_interval)
+
+    async def _flush(self, respect_interval: bool) -> None:
+        for run_id in list(self._dirty):
+            if respect_interval and time.monotonic() - self._last_update < self.update_interval:
+                self._wake.set()
+                return
+            self._dirty.discard(run_id)
+            if not await self._send_root(run_id):
+                self._dirty.add(run_id)
+        while self._pending_replies:
+            run_id, phase = self._pending_replies[0]
+            if run_id not in self.root_ts:
+                break
+            if not await self._send_reply(run_id, phase):
+                break
+            self._pending_replies.pop(0)
+
+    async def _send_root(self, run_id: str) -> bool:
+        plan = self.plans.get(run_id)
+        if plan is None:
+            return True
+        run = await self.store.get_run(run_id)
+        records = await self.store.steps(run_id)
+        text, blocks = root_message(build_run_view(run, plan, records), self.locale)
+        try:
+            if run_id in self.root_ts:
+                await self._space_updates()
+                await self.client.chat_update(channel=self.channel, ts=self.root_ts[run_id], text=text, blocks=blocks)
+            else:
+                await self._space_posts()
+                response = await self.client.chat_postMessage(channel=self.channel, text=text, blocks=blocks)
+                self.root_ts[run_id] = response["ts"]
+                options = dict(run.options or {})
+                options["slack"] = {"channel": self.channel, "ts": response["ts"]}
+                await self.store.update_run(run_id, options=options)
+            return True
+        except Exception as error:  # noqa: BLE001 - Slack must never stop a run; the next flush retries
+            self.failures += 1
+            log.warning("run %s: Slack update of the root message failed: %s", run_id, error)
+            return False
+
+    async def _send_reply(self, run_id: str, phase: int | None) -> bool:
+        plan = self.plans[run_id]
+        records = await self.store.steps(run_id)
+        view = build_run_view(await self.store.get_run(run_id), plan, records)
+        phase_view = next((item for item in view.phases if item.number == phase), None)
+        if phase_view is None:
+            return True
+        text, blocks = phase_reply(phase_view, step_reports(plan, records, phase), self.locale)
+        try:
+            await self._space_posts()
+            await self.client.chat_postMessage(channel=self.channel, thread_ts=self.root_ts[run_id], text=text,
+                                               blocks=blocks)
+            return True
+        except Exception as error:  # noqa: BLE001 - Slack must never stop a run; the next flush retries
+            self.failures += 1
+            log.warning("run %s: Slack reply for phase %s failed: %s", run_id, phase, error)
+            return False
+
+    async def _space_updates(self) -> None:
+        wait = self._last_update + self.update_interval - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        self._last_update = time.monotonic()
+
+    async def _space_posts(self) -> None:
+        wait = self._last_post + self.post_interval - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        self._last_post = time.monotonic()
