@@ -62,6 +62,9 @@ def build_parser(locale: str) -> argparse.ArgumentParser:
     rollback.add_argument("run_id")
     rollback.add_argument("--yes", action="store_true", help=t("cli.help_yes"))
 
+    serve = commands.add_parser("serve", help=t("cli.help_serve"))
+    serve.add_argument("--port", type=int, default=3000, help=t("cli.help_port"))
+
     sandbox = commands.add_parser("sandbox", help=t("cli.help_sandbox"))
     sandbox_commands = _Subcommands(
         sandbox.add_subparsers(dest="sandbox_command", required=True, metavar="ACTION"), common

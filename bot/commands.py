@@ -198,6 +198,9 @@ async def run_async_command(args: argparse.Namespace, console: Console, locale: 
 
     from storage import Store
 
+    if args.command == "serve":
+        return await serve_command(args, settings)
+
     prepared = None
     if args.command == "run":
         # Check the runbook before the store is opened, so an unsound one leaves nothing behind.
@@ -421,6 +424,21 @@ async def status_command(args, console: Console, locale: str, store) -> int:
                       phase, f"{row['steps_done']}/{row['steps_total']}",
                       datetime.fromtimestamp(row["created_at"]).strftime("%m-%d %H:%M"))
     console.print(table)
+    return EXIT_OK
+
+
+async def serve_command(args, settings: Settings) -> int:
+    """Serve the Slack bot until interrupted."""
+    from bot.slack.app import serve
+    from bot.slack.service import load_slack_settings
+    from storage import Store
+
+    slack = load_slack_settings()
+    store = await Store.open(settings.store_url(args.db))
+    try:
+        await serve(settings, slack, store, args.port)
+    finally:
+        await store.close()
     return EXIT_OK
 
 

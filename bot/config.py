@@ -86,6 +86,14 @@ class Environment(BaseModel):
     http_timeout_seconds: float = Field(default=30, gt=0)
     kill_grace_seconds: float = Field(default=10, ge=0)
     output_limit_bytes: int = Field(default=1_000_000, gt=0)
+    # Slack: where runs and incidents are posted, and who may start and approve.
+    # Empty lists allow anyone; entries are user ids (U…) or user group ids (S…).
+    slack_runs_channel: str | None = None
+    slack_incidents_channel: str | None = None
+    starters: list[str] = Field(default_factory=list)
+    approvers: list[str] = Field(default_factory=list)
+    allow_self_approval: bool = False
+    runbook_dir: Path | None = None
 
     def resolve(self, path: str) -> Path:
         candidate = Path(path)

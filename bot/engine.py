@@ -245,7 +245,15 @@ class Engine:
 
         # A manual step's own confirmation is its approval: nobody is asked twice.
         if step.requires_approval and step.kind != "approval" and step.automated:
-            answer = await self._gate(run, plan, step, attempt, "approval")
+            await self.store.update_step(run.id, step.id, status="waiting", event_type="step.waiting",
+                                         run_values={"status": "waiting"})
+            try:
+                answer = await self._gate(run, plan, step, attempt, "approval")
+            except RunAborted as aborted:
+                await self.store.update_step(run.id, step.id, status="rejected", decided_by=aborted.actor,
+                                             finished_at=time.time(), event_type="step.rejected", actor=aborted.actor)
+                raise
+            await self.store.update_run(run.id, status="running")
             if answer.decision != "approved":
                 await self.store.update_step(run.id, step.id, status="rejected", decided_by=answer.actor,
                                              finished_at=time.time(), event_type="step.rejected", actor=answer.actor)

@@ -1,0 +1,225 @@
+"""The Slack side of postmerge: settings, permissions, and runs started from slash commands.
+
+Handlers in handlers/ translate Slack payloads into calls on SlackService;
+the service plans, stores and drives runs with the same engine as the
+terminal, and posts buttons for its gates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from pathlib import Path
+
+from pydantic import Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from bot.config import Environment, Settings, load_environments
+from bot.errors import ConfigError, PostmergeError, UsageError
+from bot.gates import GateAnswer, GateRequest
+from bot.i18n import translate
+
+log = logging.getLogger(__name__)
+
+RUNBOOK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+DECISION_POLL_SECONDS = 0.5
+
+
+class SlackSettings(BaseSettings):
+    """Slack settings from the process environment."""
+
+    model_config = SettingsConfigDict(extra="ignore")
+
+    slack_bot_token: str = Field(min_length=1)
+    slack_signing_secret: str | None = None
+    slack_app_token: str | None = None
+    slack_api_url: str = "https://slack.com/api/"
+    postmerge_runbook_dir: Path = Field(default_factory=lambda: Path.cwd() / "runbooks")
+
+    @model_validator(mode="after")
+    def _check_tokens(self) -> SlackSettings:
+        if not self.slack_bot_token.startswith("xoxb-"):
+            raise ValueError("SLACK_BOT_TOKEN must be a bot token starting with xoxb-")
+        if self.slack_app_token is None and not self.slack_signing_secret:
+            raise ValueError("SLACK_SIGNING_SECRET is required unless SLACK_APP_TOKEN selects Socket Mode")
+        if self.slack_app_token is not None and not self.slack_app_token.startswith("xapp-"):
+            raise ValueError("SLACK_APP_TOKEN must be an app-level token starting with xapp-")
+        if not self.slack_api_url.endswith("/"):
+            self.slack_api_url += "/"
+        return self
+
+
+def load_slack_settings() -> SlackSettings:
+    try:
+        return SlackSettings()
+    except ValidationError as error:
+        first = error.errors()[0]
+        message = first["msg"].removeprefix("Value error, ")
+        if not first["loc"]:
+            raise ConfigError("slack.settings_error", error=message) from None
+        name = str(first["loc"][0]).upper()
+        if first["type"] == "missing":
+            raise ConfigError("slack.missing_setting", name=name) from None
+        raise ConfigError("slack.invalid_setting", name=name, error=message) from None
+
+
+class SlackService:
+    def __init__(self, settings: Settings, slack: SlackSettings, store, client) -> None:
+        self.settings = settings
+        self.slack = slack
+        self.store = store
+        self.client = client
+        self.tasks: dict[str, asyncio.Task] = {}
+
+    # -- lookups ------------------------------------------------------------
+
+    def environments(self) -> dict[str, Environment]:
+        return load_environments(self.settings)
+
+    def environment(self, name: str) -> Environment:
+        environments = self.environments()
+        if name not in environments:
+            raise UsageError("slack.unknown_environment", name=name, known=", ".join(sorted(environments)) or "-")
+        return environments[name]
+
+    def locale(self, environment: Environment | None) -> str:
+        return (environment.locale if environment and environment.locale else None) or self.settings.locale
+
+    def find_runbook(self, name: str, environment: Environment) -> Path:
+        """Find a runbook by file name (without .md) or by its `# Post-Merge Tasks:` name."""
+        if not RUNBOOK_NAME.match(name) or ".." in name:
+            raise UsageError("slack.invalid_runbook_name", name=name)
+        folder = environment.runbook_dir or self.slack.postmerge_runbook_dir
+        candidate = folder / f"{name}.md"
+        if candidate.is_file():
+            return candidate
+        if folder.is_dir():
+            for path in sorted(folder.glob("*.md")):
+                with path.open(encoding="utf-8", errors="replace") as handle:
+                    first = handle.readline().strip()
+                if re.sub(r"^#\s*(?:Post-Merge Tasks|マージ後タスク)\s*[:：]\s*", "", first) == name and first.startswith("#"):
+                    return path
+        raise UsageError("slack.runbook_not_found", name=name, folder=str(folder))
+
+    async def is_member(self, user_id: str, allowed: list[str]) -> bool:
+        """Return whether user_id is listed, directly or through a user group; an empty list allows anyone."""
+        if not allowed:
+            return True
+        if user_id in allowed:
+            return True
+        for group in (entry for entry in allowed if entry.startswith("S")):
+            try:
+                response = await self.client.usergroups_users_list(usergroup=group)
+            except Exception as error:  # noqa: BLE001 - an unreadable group grants nothing
+                log.warning("user group %s could not be read: %s", group, error)
+                continue
+            if user_id in response.get("users", []):
+                return True
+        return False
+
+    # -- runs -----------------------------------------------------------------
+
+    async def start_run(self, runbook_name: str, environment_name: str, user_id: str, channel_id: str) -> str:
+        from bot.commands import load_and_plan
+        from bot.engine import Engine
+        from bot.model import Severity
+        from bot.slack.notifier import SlackRunNotifier
+        from bot.writeback import RunbookWriteback
+
+        environment = self.environment(environment_name)
+        locale = self.locale(environment)
+        if not await self.is_member(user_id, environment.starters):
+            raise UsageError("slack.not_allowed_to_start", environment=environment.name)
+        path = self.find_runbook(runbook_name, environment)
+        runbook, plan, problems = load_and_plan(path, environment)
+        errors = [problem for problem in problems if problem.severity is Severity.ERROR]
+        if errors:
+            first = errors[0]
+            raise UsageError("slack.unsound_runbook", path=path.name, line=first.line,
+                             message=translate(first.key, locale, **first.params))
+        plan.runbook_path = str(path.resolve())
+
+        channel = environment.slack_runs_channel or channel_id
+        notifier = SlackRunNotifier(self.client, self.store, channel, locale)
+        notifiers = [notifier]
+        if environment.writeback:
+            notifiers.append(RunbookWriteback(path.resolve(), runbook.language))
+        interaction = SlackInteraction(self, environment, notifier, channel, locale)
+        engine = Engine(self.store, environment, interaction, notifiers, home=self.settings.home, locale=locale,
+                        actor=user_id)
+        run_id = await engine.start(plan, started_by=user_id)
+        self.tasks[run_id] = asyncio.create_task(self._drive(engine, run_id, notifier))
+        return run_id
+
+    async def _drive(self, engine, run_id: str, notifier) -> None:
+        try:
+            outcome = await engine.drive(run_id)
+            log.info("run %s ended: %s", run_id, outcome.status)
+        except PostmergeError as error:
+            log.warning("run %s could not be driven: %s", run_id, error)
+        except Exception:  # noqa: BLE001 - logged with its traceback; the run's state is in the store
+            log.exception("run %s stopped on an unexpected error", run_id)
+        finally:
+            await notifier.close()
+            self.tasks.pop(run_id, None)
+
+    async def decide(self, approval_id: int, decision: str, user_id: str) -> tuple[bool, dict]:
+        """Record a button's decision exactly once, after checking who may decide."""
+        row = await self.store.get_decision(approval_id)
+        run = await self.store.get_run(row["run_id"])
+        environment = self.environment(run.environment)
+        if decision == "approved":
+            if not await self.is_member(user_id, environment.approvers):
+                raise UsageError("slack.not_an_approver", environment=environment.name)
+            if user_id == run.started_by and not environment.allow_self_approval:
+                raise UsageError("slack.self_approval", environment=environment.name)
+        return await self.store.decide(approval_id, decision, user_id)
+
+
+class SlackInteraction:
+    """Answer gates with buttons in the run's thread, then wait for the decision in the store."""
+
+    def __init__(self, service: SlackService, environment: Environment, notifier, channel: str, locale: str) -> None:
+        self.service = service
+        self.environment = environment
+        self.notifier = notifier
+        self.channel = channel
+        self.locale = locale
+
+    async def answer(self, request: GateRequest) -> GateAnswer:
+        from bot.slack.gates import gate_message
+
+        if request.kind == "interrupted":
+            # Only a person at a terminal or a later button decides this; the run pauses.
+            return GateAnswer("defer", "slack")
+        await self.notifier.flush()
+        thread = self.notifier.root_ts.get(request.run_id)
+        text, blocks = gate_message(request, self.locale)
+        message_ts = None
+        try:
+            response = await self.service.client.chat_postMessage(channel=self.channel, thread_ts=thread, text=text,
+                                                                   blocks=blocks)
+            message_ts = response["ts"]
+        except Exception as error:  # noqa: BLE001 - the decision can still arrive; the message is retried below
+            log.warning("run %s: approval message for %s failed: %s", request.run_id, request.step.id, error)
+
+        while True:
+            row = await self.service.store.get_decision(request.approval_id)
+            if row["decision"] is not None:
+                break
+            await asyncio.sleep(DECISION_POLL_SECONDS)
+        if message_ts is not None:
+            from bot.slack.gates import decided_message
+
+            text, blocks = decided_message(request, row, self.locale)
+            try:
+                await self.service.client.chat_update(channel=self.channel, ts=message_ts, text=text, blocks=blocks)
+            except Exception as error:  # noqa: BLE001 - the decision is stored; only the message is stale
+                log.warning("run %s: could not mark %s decided: %s", request.run_id, request.step.id, error)
+        return GateAnswer(row["decision"], row["decided_by"])
+
+
+def decided_at_text(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
