@@ -120,7 +120,7 @@ class SlackRunNotifier:
                 await self._space_updates()
                 await self.client.chat_update(channel=self.channel, ts=self.root_ts[run_id], text=text, blocks=blocks)
             else:
-                await self._space_posts()
+                await self.space_posts()
                 response = await self.client.chat_postMessage(channel=self.channel, text=text, blocks=blocks)
                 self.root_ts[run_id] = response["ts"]
                 options = dict(run.options or {})
@@ -141,7 +141,7 @@ class SlackRunNotifier:
             return True
         text, blocks = phase_reply(phase_view, step_reports(plan, records, phase), self.locale)
         try:
-            await self._space_posts()
+            await self.space_posts()
             await self.client.chat_postMessage(channel=self.channel, thread_ts=self.root_ts[run_id], text=text,
                                                blocks=blocks)
             return True
@@ -156,7 +156,8 @@ class SlackRunNotifier:
             await asyncio.sleep(wait)
         self._last_update = time.monotonic()
 
-    async def _space_posts(self) -> None:
+    async def space_posts(self) -> None:
+        """Wait until the channel may take another post, and count this one."""
         wait = self._last_post + self.post_interval - time.monotonic()
         if wait > 0:
             await asyncio.sleep(wait)

@@ -199,6 +199,7 @@ class SlackInteraction:
         text, blocks = gate_message(request, self.locale)
         message_ts = None
         try:
+            await self.notifier.space_posts()
             response = await self.service.client.chat_postMessage(channel=self.channel, thread_ts=thread, text=text,
                                                                    blocks=blocks)
             message_ts = response["ts"]
