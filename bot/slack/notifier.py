@@ -25,7 +25,7 @@ FINAL_EVENTS = ("run.completed", "run.failed", "run.aborted", "run.paused")
 
 
 class SlackRunNotifier:
-    def __init__(self, client, store, channel: str, locale: str, *, update_interval: float = 1.2,
+    def __init__(self, client, store, channel: str, locale: str, *, update_interval: float = 1.25,
                  post_interval: float = 1.1) -> None:
         self.client = client
         self.store = store
@@ -117,7 +117,7 @@ class SlackRunNotifier:
         text, blocks = root_message(build_run_view(run, plan, records), self.locale)
         try:
             if run_id in self.root_ts:
-                await self._space_updates()
+                await self.space_updates()
                 await self.client.chat_update(channel=self.channel, ts=self.root_ts[run_id], text=text, blocks=blocks)
             else:
                 await self.space_posts()
@@ -150,7 +150,8 @@ class SlackRunNotifier:
             log.warning("run %s: Slack reply for phase %s failed: %s", run_id, phase, error)
             return False
 
-    async def _space_updates(self) -> None:
+    async def space_updates(self) -> None:
+        """Wait until the channel may take another chat.update, and count this one."""
         wait = self._last_update + self.update_interval - time.monotonic()
         if wait > 0:
             await asyncio.sleep(wait)

@@ -216,6 +216,8 @@ class SlackInteraction:
 
             text, blocks = decided_message(request, row, self.locale)
             try:
+                # Edits of gate messages share the channel's chat.update budget with the root message.
+                await self.notifier.space_updates()
                 await self.service.client.chat_update(channel=self.channel, ts=message_ts, text=text, blocks=blocks)
             except Exception as error:  # noqa: BLE001 - the decision is stored; only the message is stale
                 log.warning("run %s: could not mark %s decided: %s", request.run_id, request.step.id, error)
