@@ -93,6 +93,8 @@ class Environment(BaseModel):
     starters: list[str] = Field(default_factory=list)
     approvers: list[str] = Field(default_factory=list)
     allow_self_approval: bool = False
+    # How long an approval waits in Slack before a reminder is posted and the run pauses.
+    approval_timeout_seconds: float = Field(default=1800, gt=0)
     runbook_dir: Path | None = None
 
     def resolve(self, path: str) -> Path:

@@ -241,7 +241,9 @@ class Engine:
     # -- one step ---------------------------------------------------------
 
     async def _run_step(self, run: RunRecord, plan: Plan, step: Step, record: StepRecord) -> StepRecord:
-        attempt = record.attempt + 1
+        # A gate that was waiting when the run paused keeps its attempt, so a decision
+        # recorded while nobody drove the run is found again.
+        attempt = record.attempt if record.status == "waiting" and record.attempt else record.attempt + 1
 
         # A manual step's own confirmation is its approval: nobody is asked twice.
         if step.requires_approval and step.kind != "approval" and step.automated:

@@ -239,3 +239,33 @@ async def test_serve_command_answers_over_http(tmp_path):
         finally:
             process.terminate()
             process.wait(10)
+
+
+async def test_approval_timeout_reminds_pauses_and_resumes(bot):
+    client, slack, service, workdir = bot
+    config = service.settings.config
+    config.write_text(config.read_text() + "approval_timeout_seconds = 1\n")
+    await client.command("start notice local")
+
+    def gate_value():
+        for message in slack.messages.values():
+            for block in message.get("blocks") or []:
+                for element in block.get("elements", []):
+                    if element.get("action_id") == "postmerge:approve":
+                        return element["value"]
+        return None
+
+    value = await wait_for(lambda: _async(gate_value()))
+    run = (await service.store.list_runs())[0]
+    await wait_for(lambda: _status(service, run.id, "paused"))
+    reminders = [message for message in slack.messages.values() if "⏰" in (message.get("text") or "")]
+    assert len(reminders) == 1
+    assert f"<@{APPROVER}>" in reminders[0]["text"]
+    assert not (workdir / "sent.txt").exists()
+
+    # A click after the pause records the decision and drives the run again.
+    assert await client.click("postmerge:approve", value, APPROVER) == 200
+    await wait_for(lambda: _status(service, run.id, "completed"))
+    assert (workdir / "sent.txt").exists()
+    decided = [event for event in await service.store.events(run.id) if event["type"] == "approval.decided"]
+    assert len(decided) == 1

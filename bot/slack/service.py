@@ -162,8 +162,43 @@ class SlackService:
         except Exception:  # noqa: BLE001 - logged with its traceback; the run's state is in the store
             log.exception("run %s stopped on an unexpected error", run_id)
         finally:
+            if self.tasks.get(run_id) is asyncio.current_task():
+                self.tasks.pop(run_id)
             await notifier.close()
-            self.tasks.pop(run_id, None)
+
+    async def resume_run(self, run_id: str, user_id: str) -> None:
+        """Drive a paused run again in this process, reusing its root message."""
+        from bot.engine import Engine
+        from bot.plan import Plan
+        from bot.slack.notifier import SlackRunNotifier
+        from bot.writeback import RunbookWriteback
+
+        previous = self.tasks.get(run_id)
+        if previous is not None:
+            # The task that paused the run may still be closing; let it finish first.
+            await asyncio.wait({previous}, timeout=30)
+            if run_id in self.tasks and not self.tasks[run_id].done():
+                return
+        run = await self.store.get_run(run_id)
+        if run.status != "paused":
+            return
+        environment = self.environment(run.environment)
+        locale = self.locale(environment)
+        slack_options = (run.options or {}).get("slack", {})
+        channel = slack_options.get("channel") or environment.slack_runs_channel
+        if channel is None:
+            return
+        notifier = SlackRunNotifier(self.client, self.store, channel, locale)
+        if slack_options.get("ts"):
+            notifier.root_ts[run_id] = slack_options["ts"]
+        notifiers = [notifier]
+        path = Path(run.runbook_path)
+        if environment.writeback and path.is_file():
+            notifiers.append(RunbookWriteback(path, Plan.model_validate(run.plan).language))
+        interaction = SlackInteraction(self, environment, notifier, channel, locale)
+        engine = Engine(self.store, environment, interaction, notifiers, home=self.settings.home, locale=locale,
+                        actor=user_id)
+        self.tasks[run_id] = asyncio.create_task(self._drive(engine, run_id, notifier))
 
     async def decide(self, approval_id: int, decision: str, user_id: str) -> tuple[bool, dict]:
         """Record a button's decision exactly once, after checking who may decide."""
@@ -175,7 +210,10 @@ class SlackService:
                 raise UsageError("slack.not_an_approver", environment=environment.name)
             if user_id == run.started_by and not environment.allow_self_approval:
                 raise UsageError("slack.self_approval", environment=environment.name)
-        return await self.store.decide(approval_id, decision, user_id)
+        won, decided = await self.store.decide(approval_id, decision, user_id)
+        if won and (await self.store.get_run(run.id)).status == "paused":
+            await self.resume_run(run.id, user_id)
+        return won, decided
 
 
 class SlackInteraction:
@@ -206,10 +244,15 @@ class SlackInteraction:
         except Exception as error:  # noqa: BLE001 - the decision can still arrive; the message is retried below
             log.warning("run %s: approval message for %s failed: %s", request.run_id, request.step.id, error)
 
+        deadline = time.monotonic() + self.environment.approval_timeout_seconds
         while True:
             row = await self.service.store.get_decision(request.approval_id)
             if row["decision"] is not None:
                 break
+            if time.monotonic() >= deadline:
+                await self._remind(request, thread)
+                # Never approved on its own: the run pauses, and a later click resumes it.
+                return GateAnswer("defer", "slack")
             await asyncio.sleep(DECISION_POLL_SECONDS)
         if message_ts is not None:
             from bot.slack.gates import decided_message
@@ -222,6 +265,20 @@ class SlackInteraction:
             except Exception as error:  # noqa: BLE001 - the decision is stored; only the message is stale
                 log.warning("run %s: could not mark %s decided: %s", request.run_id, request.step.id, error)
         return GateAnswer(row["decision"], row["decided_by"])
+
+
+    async def _remind(self, request: GateRequest, thread: str | None) -> None:
+        approvers = " ".join(
+            f"<!subteam^{entry}>" if entry.startswith("S") else f"<@{entry}>" for entry in self.environment.approvers
+        )
+        text = translate("slack.gate_reminder", self.locale, step_id=request.step.id, title=request.step.title,
+                         minutes=round(self.environment.approval_timeout_seconds / 60), approvers=approvers or "-",
+                         run_id=request.run_id)
+        try:
+            await self.notifier.space_posts()
+            await self.service.client.chat_postMessage(channel=self.channel, thread_ts=thread, text=text)
+        except Exception as error:  # noqa: BLE001 - the run pauses all the same; the reminder is lost
+            log.warning("run %s: reminder for %s failed: %s", request.run_id, request.step.id, error)
 
 
 def decided_at_text(timestamp: float) -> str:
