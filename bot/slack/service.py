@@ -1,8 +1,8 @@
 """The Slack side of postmerge: settings, permissions, and runs started from slash commands.
 
-Handlers in handlers/ translate Slack payloads into calls on SlackService;
-the service plans, stores and drives runs with the same engine as the
-terminal, and posts buttons for its gates.
+Handlers in handlers/ translate Slack payloads into calls on SlackService.
+The service plans, stores and drives runs with the same engine as the
+terminal, and it posts buttons for their gates.
 """
 
 from __future__ import annotations
