@@ -90,6 +90,16 @@ async def bot(tmp_path, monkeypatch):
         await store.close()
 
 
+def approve_button_value(slack) -> str | None:
+    """Return the value of the first Approve button posted, if any."""
+    for message in slack.messages.values():
+        for block in message.get("blocks") or []:
+            for element in block.get("elements", []):
+                if element.get("action_id") == "postmerge:approve":
+                    return element["value"]
+    return None
+
+
 def ephemerals(slack) -> list[str]:
     return [call.args.get("text", "") for call in slack.calls_to("chat.postEphemeral")]
 
@@ -143,15 +153,8 @@ async def test_start_and_approve_once(bot):
     client, slack, service, workdir = bot
     await client.command("start notice local")
 
-    def gate_buttons():
-        for message in slack.messages.values():
-            for block in message.get("blocks") or []:
-                for element in block.get("elements", []):
-                    if element.get("action_id") == "postmerge:approve":
-                        return element["value"]
-        return None
 
-    value = await wait_for(lambda: _async(gate_buttons()))
+    value = await wait_for(lambda: _async(approve_button_value(slack)))
     # The person who started the run may not approve it.
     await client.click("postmerge:approve", value, USER)
     await wait_for(lambda: _async(any("may not approve" in text for text in ephemerals(slack))))
@@ -184,15 +187,8 @@ async def test_non_approver_click_ignored(bot):
     client, slack, service, workdir = bot
     await client.command("start notice local")
 
-    def gate_value():
-        for message in slack.messages.values():
-            for block in message.get("blocks") or []:
-                for element in block.get("elements", []):
-                    if element.get("action_id") == "postmerge:approve":
-                        return element["value"]
-        return None
 
-    value = await wait_for(lambda: _async(gate_value()))
+    value = await wait_for(lambda: _async(approve_button_value(slack)))
     await client.click("postmerge:approve", value, "U0STRANGER")
     await wait_for(lambda: _async(any("not an approver" in text for text in ephemerals(slack))))
     run = (await service.store.list_runs())[0]
@@ -247,15 +243,8 @@ async def test_approval_timeout_reminds_pauses_and_resumes(bot):
     config.write_text(config.read_text() + "approval_timeout_seconds = 1\n")
     await client.command("start notice local")
 
-    def gate_value():
-        for message in slack.messages.values():
-            for block in message.get("blocks") or []:
-                for element in block.get("elements", []):
-                    if element.get("action_id") == "postmerge:approve":
-                        return element["value"]
-        return None
 
-    value = await wait_for(lambda: _async(gate_value()))
+    value = await wait_for(lambda: _async(approve_button_value(slack)))
     run = (await service.store.list_runs())[0]
     await wait_for(lambda: _status(service, run.id, "paused"))
     reminders = [message for message in slack.messages.values() if "⏰" in (message.get("text") or "")]
