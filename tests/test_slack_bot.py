@@ -152,8 +152,6 @@ async def test_bad_commands_get_ephemeral_errors(bot, text, expected):
 async def test_start_and_approve_once(bot):
     client, slack, service, workdir = bot
     await client.command("start notice local")
-
-
     value = await wait_for(lambda: _async(approve_button_value(slack)))
     # The person who started the run may not approve it.
     await client.click("postmerge:approve", value, USER)
@@ -186,8 +184,6 @@ async def _completed(service, run_id: str) -> bool:
 async def test_non_approver_click_ignored(bot):
     client, slack, service, workdir = bot
     await client.command("start notice local")
-
-
     value = await wait_for(lambda: _async(approve_button_value(slack)))
     await client.click("postmerge:approve", value, "U0STRANGER")
     await wait_for(lambda: _async(any("not an approver" in text for text in ephemerals(slack))))
@@ -242,8 +238,6 @@ async def test_approval_timeout_reminds_pauses_and_resumes(bot):
     config = service.settings.config
     config.write_text(config.read_text() + "approval_timeout_seconds = 1\n")
     await client.command("start notice local")
-
-
     value = await wait_for(lambda: _async(approve_button_value(slack)))
     run = (await service.store.list_runs())[0]
     await wait_for(lambda: _status(service, run.id, "paused"))
