@@ -49,6 +49,9 @@ async def serve(settings: Settings, slack: SlackSettings, store, port: int) -> N
 
     from aiohttp import web
 
+    from bot.slack.errors import init_error_reporting
+
+    init_error_reporting([slack.slack_bot_token, slack.slack_signing_secret, slack.slack_app_token])
     app, _ = build_app(settings, slack, store)
     if slack.slack_app_token:
         from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
