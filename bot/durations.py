@@ -80,6 +80,6 @@ def parse_duration(text: str) -> int:
 
 
 def looks_like_duration(text: str) -> bool:
-    """Return whether text was meant as a duration: it holds a digit or a time unit."""
+    """Return whether text was meant as a duration: it contains a digit or a time unit."""
     normalized = unicodedata.normalize("NFKC", text)
     return bool(re.search(r"\d|時間|分|秒|\bmin|\bsec|\bhour", normalized, re.IGNORECASE))

@@ -3,8 +3,8 @@
 Each transition (a step marked running, succeeded, failed) is committed with
 its event before the effect it announces, so after a crash the store records
 which effects may have happened. A step found `running` when a run is picked
-up again was interrupted: it runs again if its executor says a repeat is
-safe, and otherwise a person decides.
+up again was interrupted: it runs again if its executor reports that a
+repeat is safe, and otherwise a person decides.
 """
 
 from __future__ import annotations
@@ -242,10 +242,10 @@ class Engine:
 
     async def _run_step(self, run: RunRecord, plan: Plan, step: Step, record: StepRecord) -> StepRecord:
         # A gate that was waiting when the run paused keeps its attempt, so a decision
-        # recorded while nobody drove the run is found again.
+        # recorded while no process drove the run is found again.
         attempt = record.attempt if record.status == "waiting" and record.attempt else record.attempt + 1
 
-        # A manual step's own confirmation is its approval: nobody is asked twice.
+        # A manual step's own confirmation is its approval, so the person is asked once.
         if step.requires_approval and step.kind != "approval" and step.automated:
             await self.store.update_step(run.id, step.id, status="waiting", event_type="step.waiting",
                                          run_values={"status": "waiting"})

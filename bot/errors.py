@@ -5,7 +5,7 @@
     ├── RunbookError          the runbook cannot be read or planned
     ├── StoreError            the run store refused an operation
     │   ├── RunNotFound
-    │   └── RunConflict       another run holds the runbook and environment
+    │   └── RunConflict       another run has the runbook and environment
     ├── StepError             a step failed in a way its executor explains
     └── UsageError            a command line that cannot be carried out
 """

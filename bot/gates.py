@@ -1,7 +1,7 @@
-"""Questions the engine asks a person, and the notifications it sends.
+"""Gate requests that a person decides, and the notifications the engine sends.
 
-The terminal answers gates with prompts (or `--yes`); the Slack bot answers
-them with buttons. Either way the decision is recorded once in the store.
+The terminal decides gates with prompts (or `--yes`), and the Slack bot with
+buttons. Either way the decision is recorded once in the store.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ STEP_KINDS: tuple[str, ...] = StepKind.__args__
 
 
 class TaskMatch(BaseModel):
-    """How a phase line was resolved to a task, so the plan can explain it."""
+    """The rule and task a phase line was resolved to, so the plan can explain it."""
 
     task: str
     task_line: int
@@ -96,6 +96,8 @@ class Step(BaseModel):
             "task": self.task,
             "commands": self.commands,
         }
+
+        # Fields of the step's kind.
         if self.kind == "http":
             data.update(
                 url=self.url,
@@ -114,6 +116,8 @@ class Step(BaseModel):
             data.update(duration_seconds=self.duration_seconds, thresholds=self.thresholds)
         if self.kind == "sql":
             data["query"] = self.query
+
+        # Fields that explain the step, present only when they apply.
         if self.kind != "http" and self.timeout_seconds is not None:
             data["timeout_seconds"] = self.timeout_seconds
         if self.run_command and self.commands and self.run_command != self.commands[0]:
@@ -126,6 +130,7 @@ class Step(BaseModel):
             data["prerequisite_of"] = self.prerequisite_of
         if self.planned_seconds is not None:
             data["planned_seconds"] = self.planned_seconds
+
         return data
 
 

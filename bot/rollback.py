@@ -1,9 +1,9 @@
 """Build the plan of a rollback run from the run it undoes.
 
 A rollback runs the runbook's rollback groups that cover the phase the run
-failed in, preceded by the inverses of the succeeded steps of those phases
-whose executors can undo them (newest first), such as restoring the previous
-value of an environment variable.
+failed in. Before them come the inverses of the succeeded steps of those
+phases whose executors can undo them, newest first, such as restoring the
+previous value of an environment variable.
 """
 
 from __future__ import annotations

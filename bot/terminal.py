@@ -260,7 +260,7 @@ class StdinLines:
     def discard_typeahead(self) -> None:
         """Drop what a person typed before the prompt appeared; only on a terminal.
 
-        Piped input is a script of answers given in advance, so it is kept.
+        Piped input is a script of replies given in advance, so it is kept.
         """
         if not os.isatty(self.fd):
             return
@@ -285,7 +285,7 @@ class StdinLines:
         try:
             loop.add_reader(self.fd, lambda: ready.done() or ready.set_result(None))
         except (PermissionError, OSError, ValueError):
-            # A regular file cannot be watched; reading it never blocks.
+            # epoll rejects a regular file or /dev/null, and reading those does not block.
             return os.read(self.fd, 4096)
         try:
             await ready
@@ -295,7 +295,7 @@ class StdinLines:
 
 
 class AutoInteraction:
-    """Answer every approval and manual step with yes, for `--yes`."""
+    """Decide every approval and manual step as yes, for `--yes`."""
 
     def __init__(self, console: Console, locale: str, actor: str) -> None:
         self.console = console

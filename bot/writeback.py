@@ -96,7 +96,7 @@ class RunbookWriteback:
         def change(lines: list[str]) -> list[str]:
             lines = _set_status(lines, "in-progress")
             # NOTE: the merge time itself is unknown here, so Merged gets the time the
-            # post-merge run started, and only while it still holds a placeholder.
+            # post-merge run started, and only while it still contains a placeholder.
             lines = _fill_merge_field(lines, ("merged", "マージ日"), stamp)
             return _append_note(lines, stamp, self._t("writeback.note_started"),
                                 [self._t("writeback.started_detail", run_id=event.run_id,

@@ -18,7 +18,7 @@ __all__ = [
 ]
 
 # Kinds that a module of this package carries out. Gates (manual and
-# approval) are answered by a person through the engine's interaction.
+# approval) are decided by a person through the engine's interaction.
 _EXECUTORS = {
     "shell": "steps.shell:ShellExecutor",
     "http": "steps.http:HttpExecutor",

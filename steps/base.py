@@ -71,7 +71,7 @@ class OutputBuffer:
 
 @dataclass
 class StepContext:
-    """What an executor gets to run one step."""
+    """The step, environment and callbacks an executor gets to run one step."""
 
     run_id: str
     step: Step
@@ -84,7 +84,7 @@ class StepContext:
     # a rollback undoes (for example the previous value of a variable).
     previous_data: dict[str, Any] = field(default_factory=dict)
     # Persist data before an effect starts, such as a process group id, so a
-    # resumed run knows what may still be running.
+    # resumed run can find what may still be running.
     checkpoint: Callable[[dict[str, Any]], Awaitable[None]] | None = None
     # Process groups of steps still running in this run, for `kill -INT <pid>`.
     running_process_groups: Callable[[], Awaitable[list[int]]] | None = None
@@ -142,5 +142,5 @@ class BaseExecutor:
 
 
 async def sleep_until_cancelled() -> None:
-    """Wait forever; used by gates that are answered from outside."""
+    """Wait until cancelled, for gates decided from outside."""
     await asyncio.Event().wait()

@@ -551,8 +551,8 @@ def _safe_url(url: str) -> str:
     """Hide the password of a database URL, and the async driver name added to it, before it is shown."""
     import re
 
-    shown = re.sub(r"^(postgresql|sqlite)\+(asyncpg|aiosqlite)://", r"\1://", url)
-    return re.sub(r"(://[^/:@]*:)[^@/]*@", r"\1***@", shown)
+    displayed = re.sub(r"^(postgresql|sqlite)\+(asyncpg|aiosqlite)://", r"\1://", url)
+    return re.sub(r"(://[^/:@]*:)[^@/]*@", r"\1***@", displayed)
 
 
 def _first_line(error: BaseException) -> str:

@@ -7,19 +7,14 @@ import shutil
 import time
 import uuid
 
-import aiohttp
 import asyncpg
 import pytest
-from aiohttp import web
 
 from bot.config import Settings
 from bot.sandbox import down, up
-from bot.slack.app import build_app
-from bot.slack.service import SlackSettings
 from conftest import PG_ADMIN_URL, REAL_RUNBOOK
 from slack_emulator import SlackEmulator
-from storage import Store
-from test_slack_bot import SECRET, Bot
+from test_slack_bot import serve_bot
 
 pytestmark = pytest.mark.slow
 
@@ -39,48 +34,35 @@ async def test_real_runbook_from_slack(tmp_path, monkeypatch):
     try:
         async with SlackEmulator() as slack:
             settings = Settings(home=home, locale="ja")
-            slack_settings = SlackSettings(slack_bot_token="xoxb-test", slack_signing_secret=SECRET,
-                                           slack_api_url=slack.base_url, postmerge_runbook_dir=runbooks)
-            store = await Store.open(f"sqlite+aiosqlite:///{tmp_path / 'store.db'}")
-            app, service = build_app(settings, slack_settings, store)
-            runner = web.AppRunner(app.web_app(path="/slack/events"))
-            await runner.setup()
-            site = web.TCPSite(runner, host="127.0.0.1", port=0)
-            await site.start()
-            port = site._server.sockets[0].getsockname()[1]
-            try:
-                async with aiohttp.ClientSession() as session:
-                    bot = Bot(f"http://127.0.0.1:{port}/slack/events", session)
-                    status, seconds = await bot.command("start api-v2-migration sandbox", user=STARTER)
-                    assert status == 200
-                    assert seconds < 3
-                    clicked: set[str] = set()
-                    deadline = time.monotonic() + 300
-                    run_id = None
-                    while time.monotonic() < deadline:
-                        runs = await store.list_runs()
-                        if runs:
-                            run_id = runs[0].id
-                            if runs[0].status not in ("pending", "running", "waiting"):
-                                break
-                        for message in list(slack.messages.values()):
-                            for block in message.get("blocks") or []:
-                                for element in block.get("elements", []):
-                                    action = element.get("action_id")
-                                    if action in ("postmerge:approve", "postmerge:done") and \
-                                            element["value"] not in clicked:
-                                        clicked.add(element["value"])
-                                        assert await bot.click(action, element["value"], APPROVER) == 200
-                        await asyncio.sleep(0.2)
-                    assert run_id is not None
-                    task = service.tasks.get(run_id)
-                    if task is not None:
-                        await asyncio.wait_for(task, 30)
+            async with serve_bot(settings, slack, runbooks, tmp_path / "store.db") as (bot, service):
+                store = service.store
+                status, seconds = await bot.command("start api-v2-migration sandbox", user=STARTER)
+                assert status == 200
+                assert seconds < 3
+                clicked: set[str] = set()
+                deadline = time.monotonic() + 300
+                run_id = None
+                while time.monotonic() < deadline:
+                    runs = await store.list_runs()
+                    if runs:
+                        run_id = runs[0].id
+                        if runs[0].status not in ("pending", "running", "waiting"):
+                            break
+                    for message in list(slack.messages.values()):
+                        for block in message.get("blocks") or []:
+                            for element in block.get("elements", []):
+                                action = element.get("action_id")
+                                if action in ("postmerge:approve", "postmerge:done") and \
+                                        element["value"] not in clicked:
+                                    clicked.add(element["value"])
+                                    assert await bot.click(action, element["value"], APPROVER) == 200
+                    await asyncio.sleep(0.2)
+                assert run_id is not None
+                task = service.tasks.get(run_id)
+                if task is not None:
+                    await asyncio.wait_for(task, 30)
                 run = await store.get_run(run_id)
                 assert run.status == "completed", run.error
-            finally:
-                await runner.cleanup()
-                await store.close()
 
         errors = [call for call in slack.calls if call.error]
         assert errors == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
@@ -59,6 +60,28 @@ class Bot:
             return response.status
 
 
+@contextlib.asynccontextmanager
+async def serve_bot(settings: Settings, slack: SlackEmulator, runbooks: Path, store_path: Path):
+    """Serve the Bolt app on 127.0.0.1 against the emulator; yield a signed client and the service."""
+    slack_settings = SlackSettings(slack_bot_token="xoxb-test", slack_signing_secret=SECRET,
+                                   slack_api_url=slack.base_url, postmerge_runbook_dir=runbooks)
+    store = await Store.open(f"sqlite+aiosqlite:///{store_path}")
+    app, service = build_app(settings, slack_settings, store)
+    runner = web.AppRunner(app.web_app(path="/slack/events"))
+    await runner.setup()
+    site = web.TCPSite(runner, host="127.0.0.1", port=0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    try:
+        async with aiohttp.ClientSession() as session:
+            yield Bot(f"http://127.0.0.1:{port}/slack/events", session), service
+    finally:
+        for task in list(service.tasks.values()):
+            task.cancel()
+        await runner.cleanup()
+        await store.close()
+
+
 @pytest.fixture
 async def bot(tmp_path, monkeypatch):
     runbooks = tmp_path / "runbooks"
@@ -73,21 +96,8 @@ async def bot(tmp_path, monkeypatch):
         "**Phase 1: a（1分）**\n1. one\n2. notice send"))
     async with SlackEmulator() as slack:
         settings = Settings(home=tmp_path / "home", config=config, locale="en")
-        slack_settings = SlackSettings(slack_bot_token="xoxb-test", slack_signing_secret=SECRET,
-                                       slack_api_url=slack.base_url, postmerge_runbook_dir=runbooks)
-        store = await Store.open(f"sqlite+aiosqlite:///{tmp_path / 'store.db'}")
-        app, service = build_app(settings, slack_settings, store)
-        runner = web.AppRunner(app.web_app(path="/slack/events"))
-        await runner.setup()
-        site = web.TCPSite(runner, host="127.0.0.1", port=0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]
-        async with aiohttp.ClientSession() as session:
-            yield Bot(f"http://127.0.0.1:{port}/slack/events", session), slack, service, workdir
-        for task in list(service.tasks.values()):
-            task.cancel()
-        await runner.cleanup()
-        await store.close()
+        async with serve_bot(settings, slack, runbooks, tmp_path / "store.db") as (client, service):
+            yield client, slack, service, workdir
 
 
 def approve_button_value(slack) -> str | None:

@@ -217,7 +217,7 @@ class SlackService:
 
 
 class SlackInteraction:
-    """Answer gates with buttons in the run's thread, then wait for the decision in the store."""
+    """Post buttons for a gate in the run's thread, then wait for the decision in the store."""
 
     def __init__(self, service: SlackService, environment: Environment, notifier, channel: str, locale: str) -> None:
         self.service = service
