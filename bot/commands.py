@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import logging
+import signal
 import time
 from datetime import datetime
 from pathlib import Path
@@ -21,6 +24,8 @@ from bot.model import Problem, Runbook, Severity
 from bot.parser import read_runbook
 from bot.plan import Plan
 from bot.planner import build_plan
+
+log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -435,9 +440,17 @@ async def serve_command(args, settings: Settings) -> int:
 
     slack = load_slack_settings()
     store = await Store.open(settings.store_url(args.db))
+    # SIGTERM (as Kubernetes sends it) stops the bot the way Ctrl-C does: runs stop
+    # between commits, release their leases, and the next bot picks them up.
+    serving = asyncio.ensure_future(serve(settings, slack, store, args.port))
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, serving.cancel)
     try:
-        await serve(settings, slack, store, args.port)
+        await serving
+    except asyncio.CancelledError:
+        log.info("stopped on SIGTERM")
     finally:
+        loop.remove_signal_handler(signal.SIGTERM)
         await store.close()
     return EXIT_OK
 

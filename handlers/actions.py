@@ -1,4 +1,4 @@
-"""Buttons: approve, abort, done and skip. Each handler acks first, then records the decision once."""
+"""Buttons: approve, abort, done, skip and retry. Each handler acks first, then records the decision once."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ import logging
 
 from bot.errors import PostmergeError
 from bot.i18n import translate
-from bot.slack.gates import ACTION_ABORT, ACTION_APPROVE, ACTION_DONE, ACTION_SKIP
+from bot.slack.gates import ACTION_ABORT, ACTION_APPROVE, ACTION_DONE, ACTION_RETRY, ACTION_SKIP
 
 log = logging.getLogger(__name__)
 
-DECISIONS = {ACTION_APPROVE: "approved", ACTION_DONE: "done", ACTION_SKIP: "skipped", ACTION_ABORT: "abort"}
+DECISIONS = {ACTION_APPROVE: "approved", ACTION_DONE: "done", ACTION_SKIP: "skipped", ACTION_RETRY: "retry",
+             ACTION_ABORT: "abort"}
 
 
 def register(app, service) -> None:
@@ -54,8 +55,7 @@ async def decide(service, client, body: dict, action: dict, decision: str) -> No
                     at=decided_at_text(row["decided_at"]), decision=translate(f"slack.decision_{row['decision']}", locale),
                 ))
         elif "run" in value and decision == "abort":
-            run = await service.store.get_run(str(value["run"]))
-            await service.store.request_abort(run.id, user)
+            run = await service.request_abort(str(value["run"]), user)
             await say_private(translate("slack.abort_requested", locale, run_id=run.id))
     except PostmergeError as error:
         await say_private(error.render(locale))

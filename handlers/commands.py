@@ -3,35 +3,17 @@
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 
 from bot.errors import PostmergeError
 from bot.i18n import translate
 
 log = logging.getLogger(__name__)
 
-# Trigger ids already handled: Slack may deliver the same command again.
-_SEEN_LIMIT = 1000
-_seen: OrderedDict[str, None] = OrderedDict()
-
-
-def first_delivery(trigger_id: str | None) -> bool:
-    if not trigger_id:
-        return True
-    if trigger_id in _seen:
-        return False
-    _seen[trigger_id] = None
-    while len(_seen) > _SEEN_LIMIT:
-        _seen.popitem(last=False)
-    return True
-
 
 def register(app, service) -> None:
     @app.command("/postmerge")
     async def postmerge_command(ack, command, client):
         await ack()
-        if not first_delivery(command.get("trigger_id")):
-            return
         await dispatch(service, client, command)
 
 
@@ -62,8 +44,7 @@ async def dispatch(service, client, command: dict) -> None:
         elif subcommand == "status" and len(arguments) <= 1:
             await say_private(await status_text(service, arguments[0] if arguments else None, locale))
         elif subcommand == "abort" and len(arguments) == 1:
-            run = await service.store.get_run(arguments[0])
-            await service.store.request_abort(run.id, user)
+            run = await service.request_abort(arguments[0], user)
             await say_private(translate("slack.abort_requested", locale, run_id=run.id))
         else:
             await say_private(translate("slack.unknown_subcommand", locale, command=" ".join(words)[:100],
@@ -97,6 +78,7 @@ async def status_text(service, runbook: str | None, locale: str) -> str:
         return translate("slack.no_runs", locale)
     lines = []
     for run in runs[:10]:
-        status = translate(f"status.{run.status}", locale)
-        lines.append(f"`{run.id}` {run.runbook} · {run.environment} · {status} · phase {run.current_phase or '-'}")
+        lines.append(translate("slack.status_line", locale, run_id=run.id, runbook=run.runbook,
+                               environment=run.environment, status=translate(f"status.{run.status}", locale),
+                               phase=run.current_phase or "-"))
     return "\n".join(lines)

@@ -1,5 +1,5 @@
 """Durable storage of runs: SQLite by default, PostgreSQL by URL."""
 
-from storage.store import ACTIVE_STATUSES, TERMINAL_STATUSES, RunRecord, StepRecord, Store, owner_id
+from storage.store import ACTIVE_STATUSES, TERMINAL_STATUSES, RunRecord, StepRecord, Store, lease_held, owner_id
 
-__all__ = ["ACTIVE_STATUSES", "TERMINAL_STATUSES", "RunRecord", "StepRecord", "Store", "owner_id"]
+__all__ = ["ACTIVE_STATUSES", "TERMINAL_STATUSES", "RunRecord", "StepRecord", "Store", "lease_held", "owner_id"]

@@ -38,6 +38,15 @@ def owner_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def lease_held(run: RunRecord, now: float | None = None) -> bool:
+    """Return whether a live owner holds the run: its heartbeat is recent and its process still exists."""
+    if not run.owner:
+        return False
+    now = time.time() if now is None else now
+    expired = run.heartbeat_at is None or now - run.heartbeat_at > LEASE_SECONDS
+    return not expired and owner_alive(run.owner)
+
+
 def owner_alive(owner: str | None) -> bool:
     """Return whether owner is a live process; owners on other hosts count as alive."""
     if not owner:
@@ -309,10 +318,8 @@ class Store:
         """Take ownership of a run whose owner is gone or whose lease expired."""
         run = await self.get_run(run_id)
         now = time.time()
-        if run.owner and run.owner != owner:
-            expired = run.heartbeat_at is None or now - run.heartbeat_at > LEASE_SECONDS
-            if not expired and owner_alive(run.owner):
-                return False
+        if run.owner and run.owner != owner and lease_held(run, now):
+            return False
         async with self.engine.begin() as connection:
             condition = runs.c.owner.is_(None) if run.owner is None else runs.c.owner == run.owner
             result = await connection.execute(
@@ -408,8 +415,10 @@ class Store:
 
     async def get_decision(self, approval_id: int) -> dict:
         async with self.engine.connect() as connection:
-            row = (await connection.execute(select(approvals).where(approvals.c.id == approval_id))).mappings().one()
-            return dict(row)
+            row = (await connection.execute(select(approvals).where(approvals.c.id == approval_id))).mappings().first()
+        if row is None:
+            raise RunNotFound("store.decision_not_found", approval_id=approval_id)
+        return dict(row)
 
     # -- events -----------------------------------------------------------
 

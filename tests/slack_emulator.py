@@ -14,23 +14,37 @@ parameters. Every response is a JSON object with ``ok`` and, on failure,
 ``error``. Errors use HTTP 200 like Slack, except rate limits (429), unknown
 methods (404) and injected faults.
 
+Socket Mode is emulated too. apps.connections.open takes the app-level
+token (``xapp-...``) and returns a ``ws://`` URL on the emulator. The client
+connects there and gets a ``hello`` message, and the test then pushes
+envelopes with ``socket_send`` and reads the client's acks with ``socket_ack``::
+
+    await slack.wait_for_socket_connection()
+    envelope_id = await slack.socket_send("slash_commands", {"command": "/deploy", ...})
+    ack = await slack.socket_ack(envelope_id, timeout=3)
+
 The server binds to 127.0.0.1 on a free port.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
 import time
+import uuid
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiohttp import web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 logger = logging.getLogger(__name__)
+
+# Methods that take an app-level token (xapp-) instead of a bot token (xoxb-).
+APP_TOKEN_METHODS = frozenset({"apps.connections.open"})
 
 # Block types that Slack's Block Kit accepts in messages.
 KNOWN_BLOCK_TYPES = frozenset(
@@ -128,8 +142,12 @@ class SlackEmulator:
     """aiohttp server that emulates a subset of the Slack Web API.
 
     Supported methods: auth.test, chat.postMessage, chat.update,
-    chat.postEphemeral, usergroups.users.list and conversations.replies.
-    Any other method gets ``unknown_method`` with HTTP 404.
+    chat.postEphemeral, usergroups.users.list, conversations.replies and
+    apps.connections.open. Any other method gets ``unknown_method`` with
+    HTTP 404. apps.connections.open takes only an app-level token, sent in
+    the Authorization header, and the other methods take only a bot token.
+
+    The Socket Mode websocket is served at ``/link/`` on the same port.
     """
 
     def __init__(
@@ -140,6 +158,7 @@ class SlackEmulator:
         user: str = "postmerge",
         user_id: str = "U0BOTUSER",
         bot_id: str = "B0BOTID",
+        app_id: str = "A0EMULATOR",
         invalid_tokens: Iterable[str] = ("xoxb-invalid",),
         usergroups: Mapping[str, Iterable[str]] | None = None,
         channels: Iterable[str] | None = None,
@@ -152,6 +171,7 @@ class SlackEmulator:
         self.user = user
         self.user_id = user_id
         self.bot_id = bot_id
+        self.app_id = app_id
         self.invalid_tokens = set(invalid_tokens)
         self.usergroups: dict[str, list[str]] = {
             group: list(users) for group, users in (usergroups or {}).items()
@@ -165,6 +185,16 @@ class SlackEmulator:
         self.calls: list[SlackCall] = []
         self.messages: dict[tuple[str, str], dict[str, Any]] = {}
         self.ephemerals: list[dict[str, Any]] = []
+
+        # Socket Mode records. socket_messages stores every message the client
+        # sent, parsed from JSON or kept as raw text when it does not parse.
+        # socket_acks stores those messages that carry an envelope_id.
+        self.socket_envelopes: list[dict[str, Any]] = []
+        self.socket_messages: list[Any] = []
+        self.socket_acks: list[dict[str, Any]] = []
+        self._sockets: list[web.WebSocketResponse] = []
+        self._tickets: set[str] = set()
+        self._socket_state = asyncio.Condition()
 
         self._last_ts_micros = 0
         self._faults: dict[str, deque[tuple[str, int]]] = defaultdict(deque)
@@ -180,6 +210,7 @@ class SlackEmulator:
             "chat.postEphemeral": self._chat_post_ephemeral,
             "usergroups.users.list": self._usergroups_users_list,
             "conversations.replies": self._conversations_replies,
+            "apps.connections.open": self._apps_connections_open,
         }
         self._runner: web.AppRunner | None = None
         self.base_url = ""
@@ -190,16 +221,21 @@ class SlackEmulator:
         """Start the server on 127.0.0.1 and return its base URL, which ends in ``/api/``."""
         app = web.Application()
         app.router.add_route("*", "/api/{method}", self._handle)
+        app.router.add_get("/link/", self._handle_socket)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
         host, port = self._runner.addresses[0][:2]
         self.base_url = f"http://{host}:{port}/api/"
+        self._socket_base = f"ws://{host}:{port}/link/"
         logger.debug("Slack emulator listening on %s", self.base_url)
         return self.base_url
 
     async def close(self) -> None:
+        """Close open Socket Mode connections with code 1001 (going away), then stop the server."""
+        for socket in list(self._sockets):
+            await socket.close(code=WSCloseCode.GOING_AWAY, message=b"emulator closing")
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -235,6 +271,140 @@ class SlackEmulator:
         ]
         return sorted(members, key=lambda message: _ts_key(message["ts"]))
 
+    # Socket Mode
+
+    @property
+    def socket_connections(self) -> int:
+        """Number of open Socket Mode connections that have received their hello message."""
+        return len(self._sockets)
+
+    async def wait_for_socket_connection(self, count: int = 1, timeout: float = 5.0) -> None:
+        """Wait until at least `count` Socket Mode connections are open.
+
+        Raises TimeoutError after `timeout` seconds.
+        """
+        await self._wait_for_socket_state(
+            lambda: len(self._sockets) >= count,
+            timeout,
+            f"{count} Socket Mode connection(s)",
+        )
+
+    async def socket_send(
+        self,
+        type: str,
+        payload: dict[str, Any],
+        *,
+        accepts_response_payload: bool | None = None,
+        retry_attempt: int = 0,
+        retry_reason: str = "",
+        envelope_id: str | None = None,
+    ) -> str:
+        """Send an envelope on the newest Socket Mode connection and return its envelope_id.
+
+        `type` is "slash_commands", "interactive" or "events_api", and `payload`
+        is what Slack would POST over HTTP, as a dict. `accepts_response_payload`
+        defaults to True for slash commands and for view_submission and
+        block_suggestion payloads, and to False otherwise. Pass the envelope_id of
+        an earlier envelope with `retry_attempt` above 0 to send a retry.
+        Raises RuntimeError when no connection is open.
+        """
+        if not self._sockets:
+            raise RuntimeError(
+                "No Socket Mode connection is open. Await wait_for_socket_connection() before socket_send()."
+            )
+        if accepts_response_payload is None:
+            accepts_response_payload = type == "slash_commands" or (
+                type == "interactive" and payload.get("type") in ("view_submission", "block_suggestion")
+            )
+        envelope = {
+            "envelope_id": envelope_id or str(uuid.uuid4()),
+            "type": type,
+            "payload": payload,
+            "accepts_response_payload": accepts_response_payload,
+            "retry_attempt": retry_attempt,
+            "retry_reason": retry_reason,
+        }
+        await self._sockets[-1].send_json(envelope)
+        self.socket_envelopes.append(envelope)
+        return envelope["envelope_id"]
+
+    async def socket_ack(self, envelope_id: str, timeout: float = 3.0) -> dict[str, Any]:
+        """Wait for the client's first ack of `envelope_id` and return it.
+
+        An ack is a message such as ``{"envelope_id": ..., "payload": {...}}``.
+        ``payload`` is absent when the client acks without a response.
+        Raises TimeoutError when no ack arrives within `timeout` seconds.
+        """
+        await self._wait_for_socket_state(
+            lambda: self._find_ack(envelope_id) is not None,
+            timeout,
+            f"an ack of envelope {envelope_id}",
+        )
+        ack = self._find_ack(envelope_id)
+        assert ack is not None
+        return ack
+
+    def _find_ack(self, envelope_id: str) -> dict[str, Any] | None:
+        return next((ack for ack in self.socket_acks if ack.get("envelope_id") == envelope_id), None)
+
+    async def _wait_for_socket_state(self, predicate: Callable[[], bool], timeout: float, expected: str) -> None:
+        async with self._socket_state:
+            try:
+                await asyncio.wait_for(self._socket_state.wait_for(predicate), timeout)
+            except TimeoutError:
+                raise TimeoutError(f"Slack emulator: timed out after {timeout} s waiting for {expected}") from None
+
+    async def _notify_socket_state(self) -> None:
+        async with self._socket_state:
+            self._socket_state.notify_all()
+
+    async def _handle_socket(self, request: web.Request) -> web.StreamResponse:
+        ticket = request.query.get("ticket", "")
+        if ticket not in self._tickets:
+            logger.debug("Slack emulator: Socket Mode connection rejected, unknown ticket %r", ticket)
+            return web.json_response({"ok": False, "error": "invalid_ticket"}, status=401)
+        # NOTE: a ticket opens one connection here. Whether Slack accepts a reused
+        # ticket, and the status it rejects one with, are not checked against Slack.
+        self._tickets.discard(ticket)
+
+        # autoping (the default) makes aiohttp reply to each ping with a pong.
+        socket = web.WebSocketResponse()
+        await socket.prepare(request)
+        self._sockets.append(socket)
+        try:
+            await socket.send_json(
+                {
+                    "type": "hello",
+                    "num_connections": len(self._sockets),
+                    "debug_info": {
+                        "host": "applink-emulator",
+                        "build_number": 1,
+                        "approximate_connection_time": 18060,
+                    },
+                    "connection_info": {"app_id": self.app_id},
+                }
+            )
+            await self._notify_socket_state()
+            async for message in socket:
+                if message.type == WSMsgType.TEXT:
+                    self._record_socket_message(message.data)
+                    await self._notify_socket_state()
+        finally:
+            self._sockets.remove(socket)
+            await self._notify_socket_state()
+        return socket
+
+    def _record_socket_message(self, text: str) -> None:
+        try:
+            message: Any = json.loads(text)
+        except json.JSONDecodeError:
+            logger.warning("Slack emulator: Socket Mode client sent text that is not JSON: %.200r", text)
+            self.socket_messages.append(text)
+            return
+        self.socket_messages.append(message)
+        if isinstance(message, dict) and "envelope_id" in message:
+            self.socket_acks.append(message)
+
     # Fault injection
 
     def fail_next(self, method: str, error: str = "internal_error", status: int = 500) -> None:
@@ -262,7 +432,12 @@ class SlackEmulator:
             result = _ApiResult(200, {"ok": False, "error": "invalid_json"})
         else:
             token = _extract_token(request, args)
-            result = self._dispatch(method, args, token)
+            checked_token = token
+            if method in APP_TOKEN_METHODS and not request.headers.get("Authorization", "").startswith("Bearer "):
+                # Slack's reference for apps.connections.open rejects a token sent as
+                # a POST parameter. NOTE: the error name for that case is a guess.
+                checked_token = None
+            result = self._dispatch(method, args, checked_token)
         error = None if result.body.get("ok") else result.body.get("error")
         if error is not None:
             logger.debug("Slack emulator: %s returned HTTP %d, error %s", method, result.status, error)
@@ -285,10 +460,9 @@ class SlackEmulator:
             error, status = self._faults[method].popleft()
             return _ApiResult(status, {"ok": False, "error": error})
 
-        if token is None or not token.startswith("xoxb-"):
-            return _ApiResult(200, {"ok": False, "error": "not_authed"})
-        if token in self.invalid_tokens:
-            return _ApiResult(200, {"ok": False, "error": "invalid_auth"})
+        token_error = _check_token(method, token, self.invalid_tokens)
+        if token_error is not None:
+            return _ApiResult(200, {"ok": False, "error": token_error})
 
         handler = self._handlers.get(method)
         if handler is None:
@@ -426,6 +600,12 @@ class SlackEmulator:
         )
         return {"message_ts": message_ts}
 
+    def _apps_connections_open(self, args: dict[str, Any]) -> dict[str, Any]:
+        # NOTE: ticket expiry and the rate limit of this method are not emulated.
+        ticket = str(uuid.uuid4())
+        self._tickets.add(ticket)
+        return {"url": f"{self._socket_base}?ticket={ticket}&app_id={self.app_id}"}
+
     def _usergroups_users_list(self, args: dict[str, Any]) -> dict[str, Any]:
         usergroup = str(args.get("usergroup") or "")
         if usergroup not in self.usergroups:
@@ -529,6 +709,20 @@ def _extract_token(request: web.Request, args: dict[str, Any]) -> str | None:
         return header[len("Bearer ") :].strip() or None
     token = args.get("token")
     return str(token) if token else None
+
+
+def _check_token(method: str, token: str | None, invalid_tokens: set[str]) -> str | None:
+    """Return Slack's error for a token that may not call `method`, or None if it may."""
+    if token is None:
+        return "not_authed"
+    if method in APP_TOKEN_METHODS:
+        if not token.startswith("xapp-"):
+            return "not_allowed_token_type"
+    elif not token.startswith("xoxb-"):
+        return "not_authed"
+    if token in invalid_tokens:
+        return "invalid_auth"
+    return None
 
 
 def _ts_key(ts: str) -> tuple[int, int]:

@@ -40,12 +40,16 @@ class Bot:
         self.base = base
         self.session = session
 
-    async def command(self, text: str, user: str = USER, trigger_id: str | None = None) -> tuple[int, float]:
+    async def command(self, text: str, user: str = USER, trigger_id: str | None = None,
+                      retry_num: int | None = None) -> tuple[int, float]:
         body = urlencode({"command": "/postmerge", "text": text, "user_id": user, "channel_id": CHANNEL,
                           "team_id": "T0EMULATOR", "trigger_id": trigger_id or f"t{time.monotonic_ns()}",
                           "response_url": "http://127.0.0.1:9/unused"})
+        headers = sign(body)
+        if retry_num is not None:
+            headers.update({"X-Slack-Retry-Num": str(retry_num), "X-Slack-Retry-Reason": "http_timeout"})
         started = time.monotonic()
-        async with self.session.post(self.base, data=body, headers=sign(body)) as response:
+        async with self.session.post(self.base, data=body, headers=headers) as response:
             await response.read()
             return response.status, time.monotonic() - started
 
@@ -208,39 +212,54 @@ async def _status(service, run_id: str, status: str) -> bool:
     return (await service.store.get_run(run_id)).status == status
 
 
-async def test_serve_command_answers_over_http(tmp_path):
+def free_port() -> int:
     import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def spawn_serve(tmp_path: Path, slack: SlackEmulator, port: int, **extra: str):
+    """Start `postmerge serve` in a child process on 127.0.0.1, against the emulator."""
     import subprocess
     import sys
 
     from conftest import cli_env
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    env = cli_env(tmp_path, SLACK_BOT_TOKEN="xoxb-test", SLACK_SIGNING_SECRET=SECRET,
+                  SLACK_API_URL=slack.base_url, POSTMERGE_LISTEN_HOST="127.0.0.1", **extra)
+    env.pop("SLACK_APP_TOKEN", None)
+    log = open(tmp_path / f"serve-{port}.log", "ab")  # noqa: SIM115 - closed with the process by the caller
+    return subprocess.Popen([sys.executable, "-m", "bot.cli", "serve", "--port", str(port)], cwd=tmp_path,
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+async def wait_until_serving(client: Bot, seconds: float = 20) -> None:
+    """Poll with `help` until the bot answers."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            status, _ = await client.command("help")
+            assert status == 200
+            return
+        except aiohttp.ClientConnectionError:
+            assert time.monotonic() < deadline, "postmerge serve did not start"
+            await asyncio.sleep(0.2)
+
+
+async def test_serve_command_answers_over_http(tmp_path):
+    port = free_port()
     async with SlackEmulator() as slack:
-        env = cli_env(tmp_path, SLACK_BOT_TOKEN="xoxb-test", SLACK_SIGNING_SECRET=SECRET,
-                      SLACK_API_URL=slack.base_url, POSTMERGE_LISTEN_HOST="127.0.0.1")
-        env.pop("SLACK_APP_TOKEN", None)
-        process = subprocess.Popen([sys.executable, "-m", "bot.cli", "serve", "--port", str(port)], cwd=tmp_path,
-                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        process = spawn_serve(tmp_path, slack, port)
         try:
             async with aiohttp.ClientSession() as session:
-                client = Bot(f"http://127.0.0.1:{port}/slack/events", session)
-                deadline = time.monotonic() + 20
-                while True:
-                    try:
-                        status, _ = await client.command("help")
-                        break
-                    except aiohttp.ClientConnectionError:
-                        assert time.monotonic() < deadline, "postmerge serve did not start"
-                        await asyncio.sleep(0.2)
-                assert status == 200
+                await wait_until_serving(Bot(f"http://127.0.0.1:{port}/slack/events", session))
                 await wait_for(lambda: _async(bool(ephemerals(slack))))
                 assert "Usage: /postmerge" in ephemerals(slack)[0]
         finally:
             process.terminate()
-            process.wait(10)
+            assert process.wait(10) == 0
 
 
 async def test_approval_timeout_reminds_pauses_and_resumes(bot):
@@ -262,3 +281,22 @@ async def test_approval_timeout_reminds_pauses_and_resumes(bot):
     assert (workdir / "sent.txt").exists()
     decided = [event for event in await service.store.events(run.id) if event["type"] == "approval.decided"]
     assert len(decided) == 1
+
+
+async def test_abort_limited_to_starters_and_approvers(bot):
+    client, slack, service, workdir = bot
+    config = service.settings.config
+    config.write_text(config.read_text() + f'starters = ["{USER}"]\n')
+    await client.command("start notice local")
+    value = await wait_for(lambda: _async(approve_button_value(slack)))
+    run = (await service.store.list_runs())[0]
+
+    await client.click("postmerge:abort", value, "U0STRANGER")
+    await client.command(f"abort {run.id}", user="U0STRANGER")
+    await wait_for(lambda: _async(sum("may not operate" in text for text in ephemerals(slack)) == 2))
+    assert (await service.store.get_run(run.id)).status == "waiting"
+    assert await service.store.abort_requested(run.id) is None
+
+    await client.command(f"abort {run.id}", user=APPROVER)
+    await wait_for(lambda: _status(service, run.id, "aborted"))
+    assert not (workdir / "sent.txt").exists()

@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
 from slack_sdk.http_retry.builtin_async_handlers import AsyncRateLimitErrorRetryHandler
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.gates import RunEvent
+from bot.plan import Plan
 from bot.slack.notifier import SlackRunNotifier
+from bot.slack.pacing import ChannelPacer
 from slack_emulator import RateLimits, SlackEmulator
 from test_engine import runbook_text, start_run
 
@@ -62,8 +65,6 @@ async def test_notifier_coalesces_frequent_updates(tmp_path):
         store, _, run_id, _ = await start_run(f"sqlite+aiosqlite:///{tmp_path / 's.db'}", text, tmp_path)
         notifier = SlackRunNotifier(client_for(slack), store, CHANNEL, "en", update_interval=0.65, post_interval=1.1)
         try:
-            from bot.plan import Plan
-
             run = await store.get_run(run_id)
             plan_model = Plan.model_validate(run.plan)
             started = time.monotonic()
@@ -98,3 +99,41 @@ async def test_notifier_survives_outage(tmp_path):
         finally:
             await store.close()
         assert "completed" in str(roots(slack)[0]["blocks"])
+
+
+@pytest.mark.slow
+async def test_updates_every_100ms_for_a_minute_stay_within_tier_3(tmp_path):
+    # Slack's own limits: 50 chat.update a minute per channel and one a second per message.
+    # Two runs in one channel share the service's pacer, so together they stay within them.
+    pacer = ChannelPacer()
+    async with SlackEmulator(rate_limits=RateLimits()) as slack:
+        first = await start_run(f"sqlite+aiosqlite:///{tmp_path / 'a.db'}",
+                                runbook_text("- [ ] one: `echo one`", "**Phase 1: a（1分）**\n1. one"), tmp_path)
+        second = await start_run(f"sqlite+aiosqlite:///{tmp_path / 'b.db'}",
+                                 runbook_text("- [ ] one: `echo one`", "**Phase 1: a（1分）**\n1. one"), tmp_path)
+        runs = []
+        for store, _, run_id, _ in (first, second):
+            notifier = SlackRunNotifier(client_for(slack), store, CHANNEL, "en", pacer=pacer)
+            plan = Plan.model_validate((await store.get_run(run_id)).plan)
+            runs.append((store, run_id, notifier, plan))
+        try:
+            started = time.monotonic()
+            while time.monotonic() - started < 60:
+                for _, run_id, notifier, plan in runs:
+                    await notifier.notify(RunEvent("step.started", run_id, plan))
+                await asyncio.sleep(0.1)
+            for store, run_id, notifier, plan in runs:
+                await store.update_run(run_id, status="completed", finished_at=time.time())
+                await notifier.notify(RunEvent("run.completed", run_id, plan))
+                await notifier.close()
+        finally:
+            for store, *_ in runs:
+                await store.close()
+        updates = slack.calls_to("chat.update")
+        assert [call for call in updates if call.status == 429] == []
+        assert [call for call in slack.calls if not call.ok] == []
+        # Coalesced: about one update every 1.25 s for both runs together, not 600 each.
+        assert 30 <= len(updates) <= 52
+        final = roots(slack)
+        assert len(final) == 2
+        assert all("completed" in str(message["blocks"]) for message in final)

@@ -33,11 +33,13 @@ def build_app(settings: Settings, slack: SlackSettings, store):
 
     import handlers.actions
     import handlers.commands
+    import handlers.deliveries
 
     client = build_client(slack)
     app = AsyncApp(client=client, signing_secret=slack.slack_signing_secret or "socket-mode",
                    request_verification_enabled=slack.slack_app_token is None)
     service = SlackService(settings, slack, store, client)
+    handlers.deliveries.register(app)
     handlers.commands.register(app, service)
     handlers.actions.register(app, service)
     return app, service
@@ -47,18 +49,43 @@ async def serve(settings: Settings, slack: SlackSettings, store, port: int) -> N
     """Serve until cancelled: Socket Mode when SLACK_APP_TOKEN is set, else HTTP at /slack/events on the port."""
     import asyncio
 
-    from aiohttp import web
-
     from bot.slack.errors import init_error_reporting
+    from storage.store import LEASE_SECONDS
 
     init_error_reporting([slack.slack_bot_token, slack.slack_signing_secret, slack.slack_app_token])
-    app, _ = build_app(settings, slack, store)
-    if slack.slack_app_token:
-        from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
+    app, service = build_app(settings, slack, store)
+    # Runs that were active when the bot last stopped carry on in their Slack messages.
+    watcher = asyncio.create_task(service.watch_orphans(LEASE_SECONDS / 2))
+    try:
+        if slack.slack_app_token:
+            await _serve_socket_mode(app, slack.slack_app_token)
+        else:
+            await _serve_http(app, port)
+    finally:
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
+        await service.close()
 
-        handler = AsyncSocketModeHandler(app, slack.slack_app_token)
-        await handler.start_async()
-        return
+
+async def _serve_socket_mode(app, app_token: str) -> None:
+    import asyncio
+
+    from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
+
+    handler = AsyncSocketModeHandler(app, app_token)
+    await handler.connect_async()
+    log.info("connected to Slack over Socket Mode")
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await handler.close_async()
+
+
+async def _serve_http(app, port: int) -> None:
+    import asyncio
+
+    from aiohttp import web
+
     runner = web.AppRunner(app.web_app(path="/slack/events", port=port))
     await runner.setup()
     # A deployed bot must be reachable by Slack, so it listens on every interface

@@ -107,7 +107,8 @@ def block_chars(blocks: list[dict]) -> int:
 
 def phase_line(phase: PhaseView, locale: str) -> str:
     icon = STATUS_ICONS.get(phase.status, "⬜")
-    label = f"Phase {phase.number} {phase.title}" if phase.number is not None else phase.title
+    label = (translate("slack.phase_label", locale, number=phase.number, title=phase.title)
+             if phase.number is not None else phase.title)
     if phase.status == "pending":
         return f"{icon} {label}"
     planned = translate("slack.planned", locale, minutes=_minutes(phase.planned_seconds or 0))

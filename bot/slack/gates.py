@@ -13,11 +13,13 @@ ACTION_APPROVE = "postmerge:approve"
 ACTION_ABORT = "postmerge:abort"
 ACTION_DONE = "postmerge:done"
 ACTION_SKIP = "postmerge:skip"
+ACTION_RETRY = "postmerge:retry"
 
 _BUTTONS = {
     "approved": (ACTION_APPROVE, "slack.button_approve", "primary"),
     "done": (ACTION_DONE, "slack.button_done", "primary"),
     "skipped": (ACTION_SKIP, "slack.button_skip", None),
+    "retry": (ACTION_RETRY, "slack.button_retry", None),
     "abort": (ACTION_ABORT, "slack.button_abort", "danger"),
 }
 
@@ -30,6 +32,8 @@ def gate_message(request: GateRequest, locale: str) -> tuple[str, list[dict]]:
     step = request.step
     title = translate(f"slack.gate_{request.kind}", locale, step_id=step.id, title=mask_secrets(step.title))
     lines = [f"*{cut_end(title, 2900)}*"]
+    if request.kind == "interrupted":
+        lines.append(translate("slack.gate_interrupted_help", locale))
     next_line = translate("slack.gate_next", locale, what=mask_secrets(" / ".join(step.commands) or step.title))
     lines.append(cut_end(next_line, 1500))
     for detail in request.details:

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 from bot.gates import RunEvent
 from bot.plan import Plan, Step
 from bot.slack.blocks import phase_reply, root_message
+from bot.slack.pacing import POST_INTERVAL, UPDATE_INTERVAL, ChannelPacer
 from bot.slack.views import build_run_view, step_reports
 
 log = logging.getLogger(__name__)
@@ -25,20 +25,18 @@ FINAL_EVENTS = ("run.completed", "run.failed", "run.aborted", "run.paused")
 
 
 class SlackRunNotifier:
-    def __init__(self, client, store, channel: str, locale: str, *, update_interval: float = 1.25,
-                 post_interval: float = 1.1) -> None:
+    def __init__(self, client, store, channel: str, locale: str, *, update_interval: float = UPDATE_INTERVAL,
+                 post_interval: float = POST_INTERVAL, pacer: ChannelPacer | None = None) -> None:
         self.client = client
         self.store = store
         self.channel = channel
         self.locale = locale
-        self.update_interval = update_interval
-        self.post_interval = post_interval
+        # Runs in one channel share one pacer, so their calls count against one budget.
+        self.pacer = pacer or ChannelPacer(update_interval, post_interval)
         self.root_ts: dict[str, str] = {}
         self.plans: dict[str, Plan] = {}
         self._dirty: set[str] = set()
         self._pending_replies: list[tuple[str, int | None]] = []
-        self._last_update = 0.0
-        self._last_post = 0.0
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
         self._flusher: asyncio.Task | None = None
@@ -81,7 +79,7 @@ class SlackRunNotifier:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            wait = self._last_update + self.update_interval - time.monotonic()
+            wait = self.pacer.update_delay(self.channel)
             if wait > 0:
                 await asyncio.sleep(wait)
             await self.flush(respect_interval=True)
@@ -94,7 +92,7 @@ class SlackRunNotifier:
 
     async def _flush(self, respect_interval: bool) -> None:
         for run_id in list(self._dirty):
-            if respect_interval and time.monotonic() - self._last_update < self.update_interval:
+            if respect_interval and self.pacer.update_delay(self.channel) > 0:
                 self._wake.set()
                 return
             self._dirty.discard(run_id)
@@ -150,16 +148,22 @@ class SlackRunNotifier:
             log.warning("run %s: Slack reply for phase %s failed: %s", run_id, phase, error)
             return False
 
+    async def post_note(self, run_id: str, text: str) -> None:
+        """Post a line in the run's thread, if its root message exists. A failure is logged and dropped."""
+        thread = self.root_ts.get(run_id)
+        if thread is None:
+            return
+        try:
+            await self.space_posts()
+            await self.client.chat_postMessage(channel=self.channel, thread_ts=thread, text=text)
+        except Exception as error:  # noqa: BLE001 - Slack must never stop a run
+            self.failures += 1
+            log.warning("run %s: Slack note failed: %s", run_id, error)
+
     async def space_updates(self) -> None:
         """Wait until the channel may take another chat.update, and count this one."""
-        wait = self._last_update + self.update_interval - time.monotonic()
-        if wait > 0:
-            await asyncio.sleep(wait)
-        self._last_update = time.monotonic()
+        await self.pacer.space_updates(self.channel)
 
     async def space_posts(self) -> None:
         """Wait until the channel may take another post, and count this one."""
-        wait = self._last_post + self.post_interval - time.monotonic()
-        if wait > 0:
-            await asyncio.sleep(wait)
-        self._last_post = time.monotonic()
+        await self.pacer.space_posts(self.channel)

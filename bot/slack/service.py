@@ -20,6 +20,8 @@ from bot.config import Environment, Settings, load_environments
 from bot.errors import ConfigError, PostmergeError, UsageError
 from bot.gates import GateAnswer, GateRequest
 from bot.i18n import translate
+from bot.slack.pacing import ChannelPacer
+from storage import owner_id
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,8 @@ class SlackService:
         self.store = store
         self.client = client
         self.tasks: dict[str, asyncio.Task] = {}
+        self.pacer = ChannelPacer()
+        self._runs_lock = asyncio.Lock()
 
     # -- lookups ------------------------------------------------------------
 
@@ -119,14 +123,27 @@ class SlackService:
                 return True
         return False
 
+    async def close(self) -> None:
+        """Stop driving runs in this process. Their state stays in the store, and the next bot reattaches them."""
+        tasks = [task for task in self.tasks.values() if not task.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=30)
+
+    async def check_operator(self, user_id: str, environment: Environment) -> None:
+        """Allow Done, Skip, Retry and Abort to those who may start runs or approve them."""
+        if not environment.starters:
+            return
+        if await self.is_member(user_id, environment.starters) or await self.is_member(user_id, environment.approvers):
+            return
+        raise UsageError("slack.not_an_operator", environment=environment.name)
+
     # -- runs -----------------------------------------------------------------
 
     async def start_run(self, runbook_name: str, environment_name: str, user_id: str, channel_id: str) -> str:
         from bot.commands import load_and_plan
-        from bot.engine import Engine
         from bot.model import Severity
-        from bot.slack.notifier import SlackRunNotifier
-        from bot.writeback import RunbookWriteback
 
         environment = self.environment(environment_name)
         locale = self.locale(environment)
@@ -142,19 +159,38 @@ class SlackService:
         plan.runbook_path = str(path.resolve())
 
         channel = environment.slack_runs_channel or channel_id
-        notifier = SlackRunNotifier(self.client, self.store, channel, locale)
-        notifiers = [notifier]
-        if environment.writeback:
-            notifiers.append(RunbookWriteback(path.resolve(), runbook.language))
-        interaction = SlackInteraction(self, environment, notifier, channel, locale)
-        engine = Engine(self.store, environment, interaction, notifiers, home=self.settings.home, locale=locale,
-                        actor=user_id)
-        run_id = await engine.start(plan, started_by=user_id)
-        self.tasks[run_id] = asyncio.create_task(self._drive(engine, run_id, notifier))
+        # The lock keeps the reattach watcher from driving a run that is still being started here.
+        async with self._runs_lock:
+            engine, notifier = self._engine(environment, channel, path.resolve(), runbook.language, user_id)
+            run_id = await engine.start(plan, started_by=user_id)
+            # Marking the run as Slack's lets a restarted bot find it even before its root message exists.
+            await self.store.update_run(run_id, options={"slack": {"channel": channel}})
+            self.tasks[run_id] = asyncio.create_task(self._drive(engine, run_id, notifier))
         return run_id
 
-    async def _drive(self, engine, run_id: str, notifier) -> None:
+    def _engine(self, environment: Environment, channel: str, runbook_path: Path, language, actor: str | None,
+                root_ts: tuple[str, str] | None = None):
+        """Build an engine that reports into Slack and, where the environment allows it, into the runbook."""
+        from bot.engine import Engine
+        from bot.slack.notifier import SlackRunNotifier
+        from bot.writeback import RunbookWriteback
+
+        locale = self.locale(environment)
+        notifier = SlackRunNotifier(self.client, self.store, channel, locale, pacer=self.pacer)
+        if root_ts is not None:
+            notifier.root_ts[root_ts[0]] = root_ts[1]
+        notifiers = [notifier]
+        if environment.writeback and runbook_path.is_file():
+            notifiers.append(RunbookWriteback(runbook_path, language))
+        interaction = SlackInteraction(self, environment, notifier, channel, locale)
+        engine = Engine(self.store, environment, interaction, notifiers, home=self.settings.home, locale=locale,
+                        actor=actor)
+        return engine, notifier
+
+    async def _drive(self, engine, run_id: str, notifier, note: str | None = None) -> None:
         try:
+            if note is not None:
+                await notifier.post_note(run_id, note)
             outcome = await engine.drive(run_id)
             log.info("run %s ended: %s", run_id, outcome.status)
         except PostmergeError as error:
@@ -166,54 +202,103 @@ class SlackService:
                 self.tasks.pop(run_id)
             await notifier.close()
 
+    async def _drive_again(self, run, actor: str | None) -> bool:
+        """Drive a stored run in this process, reusing its root message and thread."""
+        from bot.plan import Plan
+
+        environment = self.environment(run.environment)
+        slack_options = (run.options or {}).get("slack", {})
+        channel = slack_options.get("channel") or environment.slack_runs_channel
+        if channel is None:
+            log.warning("run %s has no Slack channel to report into; resume it from a terminal", run.id)
+            return False
+        root_ts = (run.id, slack_options["ts"]) if slack_options.get("ts") else None
+        engine, notifier = self._engine(environment, channel, Path(run.runbook_path),
+                                        Plan.model_validate(run.plan).language, actor, root_ts)
+        # Without an actor the bot itself picks the run up, so a note in the thread explains why it moves again.
+        note = translate("slack.reattached", self.locale(environment)) if actor is None else None
+        self.tasks[run.id] = asyncio.create_task(self._drive(engine, run.id, notifier, note))
+        return True
+
     async def resume_run(self, run_id: str, user_id: str) -> None:
         """Drive a paused run again in this process, reusing its root message."""
-        from bot.engine import Engine
-        from bot.plan import Plan
-        from bot.slack.notifier import SlackRunNotifier
-        from bot.writeback import RunbookWriteback
-
         previous = self.tasks.get(run_id)
         if previous is not None:
             # The task that paused the run may still be closing; let it finish first.
             await asyncio.wait({previous}, timeout=30)
+        async with self._runs_lock:
             if run_id in self.tasks and not self.tasks[run_id].done():
                 return
-        run = await self.store.get_run(run_id)
-        if run.status != "paused":
-            return
-        environment = self.environment(run.environment)
-        locale = self.locale(environment)
-        slack_options = (run.options or {}).get("slack", {})
-        channel = slack_options.get("channel") or environment.slack_runs_channel
-        if channel is None:
-            return
-        notifier = SlackRunNotifier(self.client, self.store, channel, locale)
-        if slack_options.get("ts"):
-            notifier.root_ts[run_id] = slack_options["ts"]
-        notifiers = [notifier]
-        path = Path(run.runbook_path)
-        if environment.writeback and path.is_file():
-            notifiers.append(RunbookWriteback(path, Plan.model_validate(run.plan).language))
-        interaction = SlackInteraction(self, environment, notifier, channel, locale)
-        engine = Engine(self.store, environment, interaction, notifiers, home=self.settings.home, locale=locale,
-                        actor=user_id)
-        self.tasks[run_id] = asyncio.create_task(self._drive(engine, run_id, notifier))
+            run = await self.store.get_run(run_id)
+            if run.status != "paused":
+                return
+            await self._drive_again(run, user_id)
+
+    async def reattach(self) -> list[str]:
+        """Drive again the Slack runs that no live process owns, as after a restart.
+
+        A run that was running or waiting for a button when its bot stopped
+        carries on from its last committed step, in its old root message and
+        thread. A gate that was waiting posts its buttons again. Paused runs
+        stay paused until someone presses a button. A run that another live
+        bot holds is left alone; it is taken over once its lease expires.
+        """
+        from storage import lease_held
+
+        attached = []
+        async with self._runs_lock:
+            for run in await self.store.list_runs(active_only=True, limit=500):
+                if run.status == "paused" or "slack" not in (run.options or {}):
+                    continue
+                if run.id in self.tasks and not self.tasks[run.id].done():
+                    continue
+                if lease_held(run) and run.owner != owner_id():
+                    continue
+                try:
+                    if await self._drive_again(run, None):
+                        attached.append(run.id)
+                except PostmergeError as error:
+                    log.warning("run %s could not be reattached: %s", run.id, error)
+        for run_id in attached:
+            log.info("reattached run %s to Slack", run_id)
+        return attached
+
+    async def watch_orphans(self, interval: float) -> None:
+        """Reattach orphaned runs now and then every `interval` seconds, until cancelled."""
+        while True:
+            try:
+                await self.reattach()
+            except Exception:  # noqa: BLE001 - the next round tries again
+                log.exception("reattaching runs failed")
+            await asyncio.sleep(interval)
 
     async def decide(self, approval_id: int, decision: str, user_id: str) -> tuple[bool, dict]:
         """Record a button's decision exactly once, after checking who may decide."""
+        from bot.plan import Plan
+
         row = await self.store.get_decision(approval_id)
         run = await self.store.get_run(row["run_id"])
         environment = self.environment(run.environment)
-        if decision == "approved":
+        step = next((item for item in Plan.model_validate(run.plan).steps() if item.id == row["step_id"]), None)
+        # Done on a step that needs approval means "I did it by hand", which is an approver's call.
+        if decision == "approved" or (decision == "done" and step is not None and step.requires_approval):
             if not await self.is_member(user_id, environment.approvers):
                 raise UsageError("slack.not_an_approver", environment=environment.name)
             if user_id == run.started_by and not environment.allow_self_approval:
                 raise UsageError("slack.self_approval", environment=environment.name)
+        else:
+            await self.check_operator(user_id, environment)
         won, decided = await self.store.decide(approval_id, decision, user_id)
         if won and (await self.store.get_run(run.id)).status == "paused":
             await self.resume_run(run.id, user_id)
         return won, decided
+
+    async def request_abort(self, run_id: str, user_id: str):
+        """Ask a run to stop, for someone allowed to operate its environment."""
+        run = await self.store.get_run(run_id)
+        await self.check_operator(user_id, self.environment(run.environment))
+        await self.store.request_abort(run.id, user_id)
+        return run
 
 
 class SlackInteraction:
@@ -229,9 +314,6 @@ class SlackInteraction:
     async def answer(self, request: GateRequest) -> GateAnswer:
         from bot.slack.gates import gate_message
 
-        if request.kind == "interrupted":
-            # Only a person at a terminal or a later button decides this; the run pauses.
-            return GateAnswer("defer", "slack")
         await self.notifier.flush()
         thread = self.notifier.root_ts.get(request.run_id)
         text, blocks = gate_message(request, self.locale)
