@@ -61,6 +61,72 @@ def normalize_database_url(url: str) -> str:
     return url
 
 
+class KubernetesSettings(BaseModel):
+    """How kubernetes steps reach a cluster."""
+
+    model_config = {"extra": "forbid"}
+
+    # A kubeconfig file and context; without one, in-cluster settings when
+    # running in a pod, else the default kubeconfig (~/.kube/config).
+    kubeconfig: Path | None = None
+    context: str | None = None
+    in_cluster: bool = False
+    namespace: str = "default"
+    # Run kubectl forms that have no API mapping through the kubectl binary as
+    # shell steps. When false they become manual steps.
+    allow_shell: bool = False
+    # How long `get pods -l` waits for the selected pods to be Running and Ready.
+    wait_timeout_seconds: float = Field(default=300, gt=0)
+    # The Deployment that runbook lines about Green (v1) mean, such as its scale-down.
+    green_deployment: str | None = None
+
+
+class NginxSettings(BaseModel):
+    """Where nginx steps find the config files a runbook names, and how they validate and reload."""
+
+    model_config = {"extra": "forbid"}
+
+    # A path as the runbook writes it mapped to the file edited here,
+    # for example "/etc/nginx/sites-available/api.conf" -> "/srv/nginx/api.conf".
+    files: dict[str, Path] = Field(default_factory=dict)
+    # Commands that replace the runbook's `nginx -t` and its reload.
+    test_command: str | None = None
+    reload_command: str | None = None
+
+
+class CloudflareSettings(BaseModel):
+    """The Cloudflare zone that cdn steps change, through the Rulesets API."""
+
+    model_config = {"extra": "forbid"}
+
+    api_url: str = "https://api.cloudflare.com/client/v4"
+    zone_id: str
+    # The name of the variable (environment `variables`, then the process
+    # environment) that contains the API token. The token itself never goes in this file.
+    token_variable: str = "CLOUDFLARE_API_TOKEN"
+
+
+class DatadogSettings(BaseModel):
+    """The Datadog site and keys that datadog steps use."""
+
+    model_config = {"extra": "forbid"}
+
+    api_url: str = "https://api.datadoghq.com"
+    api_key_variable: str = "DD_API_KEY"
+    app_key_variable: str = "DD_APP_KEY"
+
+
+class SentrySettings(BaseModel):
+    """The Sentry organization and project that sentry steps track releases in."""
+
+    model_config = {"extra": "forbid"}
+
+    api_url: str = "https://sentry.io/api/0"
+    organization: str
+    project: str
+    token_variable: str = "SENTRY_AUTH_TOKEN"
+
+
 class Environment(BaseModel):
     """One named target a runbook runs against."""
 
@@ -96,6 +162,18 @@ class Environment(BaseModel):
     # How long an approval waits in Slack before a reminder is posted and the run pauses.
     approval_timeout_seconds: float = Field(default=1800, gt=0)
     runbook_dir: Path | None = None
+    # External systems. A step of a kind whose section is missing becomes manual.
+    kubernetes: KubernetesSettings | None = None
+    nginx: NginxSettings | None = None
+    cloudflare: CloudflareSettings | None = None
+    datadog: DatadogSettings | None = None
+    sentry: SentrySettings | None = None
+
+    def secret(self, name: str) -> str | None:
+        """Return a credential by variable name: the environment's variables first, then the process environment."""
+        import os
+
+        return self.variables.get(name) or os.environ.get(name) or None
 
     def resolve(self, path: str) -> Path:
         candidate = Path(path)
@@ -153,6 +231,12 @@ def _read_config_file(path: Path) -> dict[str, Environment]:
             ) from None
         if not environment.workdir.is_absolute():
             environment.workdir = (path.parent / environment.workdir).resolve()
+        # Other relative paths in the file are relative to the file too.
+        if environment.kubernetes and environment.kubernetes.kubeconfig:
+            environment.kubernetes.kubeconfig = (path.parent / environment.kubernetes.kubeconfig).resolve()
+        if environment.nginx:
+            environment.nginx.files = {key: (path.parent / value).resolve()
+                                       for key, value in environment.nginx.files.items()}
         environments[name] = environment
     return environments
 

@@ -75,6 +75,9 @@ class Step(BaseModel):
     # env
     variables: dict[str, str] = Field(default_factory=dict)
     file: str | None = None
+    # Executor parameters for kubernetes, nginx, cdn, datadog and sentry
+    # steps, filled by the planner. Each executor documents its keys.
+    params: dict[str, Any] = Field(default_factory=dict)
     # traffic and monitor
     weight: int | None = None
     duration_seconds: int | None = None
