@@ -177,7 +177,7 @@ def describe_step(step, locale: str, *, dry_run: bool = False) -> str:
     elif step.commands:
         parts.append(" / ".join(step.commands))
     if step.manual_reason:
-        parts.append(t(step.manual_reason, kind=step.kind))
+        parts.append(t(step.manual_reason, **step.reason_params()))
     if step.prerequisite_of:
         parts.append(t("plan.detail_prerequisite", step_id=step.prerequisite_of))
     if step.match is not None:

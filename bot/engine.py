@@ -404,7 +404,7 @@ class Engine:
         if step.approval_note:
             details.append(translate("gate.approval_note", self.locale, note=step.approval_note))
         if step.manual_reason:
-            details.append(translate(step.manual_reason, self.locale, kind=step.kind))
+            details.append(translate(step.manual_reason, self.locale, **step.reason_params()))
         details.extend(step.instructions)
         return details
 

@@ -33,7 +33,7 @@ class TaskMatch(BaseModel):
 
     task: str
     task_line: int
-    reason: Literal["exact", "contains", "category", "similar", "command", "pattern"]
+    reason: Literal["exact", "contains", "category", "similar", "command", "pattern", "smoke"]
     score: float = 1.0
 
 
@@ -53,6 +53,8 @@ class Step(BaseModel):
     match: TaskMatch | None = None
     # Why a step is manual, as a catalog key, and what the person should do.
     manual_reason: str | None = None
+    # Values the manual_reason message names, such as the missing settings section.
+    manual_params: dict[str, str] = Field(default_factory=dict)
     instructions: list[str] = Field(default_factory=list)
     approval_note: str | None = None
     planned_seconds: int | None = None
@@ -86,6 +88,10 @@ class Step(BaseModel):
     prerequisite_of: str | None = None
     # rollback: the step id this step undoes, for executor inverses
     undoes: str | None = None
+
+    def reason_params(self) -> dict[str, str]:
+        """Return the values the manual_reason message names."""
+        return {"kind": self.kind, **self.manual_params}
 
     def contract(self) -> dict[str, Any]:
         """Return the step as the JSON contract of `postmerge plan --json`."""
@@ -129,6 +135,8 @@ class Step(BaseModel):
             data["match"] = self.match.model_dump()
         if self.manual_reason:
             data["manual_reason"] = self.manual_reason
+        if self.params:
+            data["params"] = self.params
         if self.prerequisite_of:
             data["prerequisite_of"] = self.prerequisite_of
         if self.planned_seconds is not None:

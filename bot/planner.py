@@ -19,6 +19,7 @@ import json
 import re
 import unicodedata
 
+from bot import system_steps
 from bot.config import Environment, default_environment
 from bot.durations import DurationError, parse_duration
 from bot.model import Problem, Runbook, RollbackLine, Severity, Task
@@ -128,6 +129,8 @@ class Planner:
         self.environment = environment or default_environment()
         self.problems: list[Problem] = []
         self.thresholds = self._read_thresholds()
+        # Set while rollback lines are planned: system steps there undo rather than apply.
+        self._in_rollback = False
 
     def warning(self, line: int, key: str, /, **params: str | int | float) -> None:
         self.problems.append(Problem(line=line, severity=Severity.WARNING, key=key, params=params))
@@ -254,6 +257,20 @@ class Planner:
 
         if commands:
             return [self._command_step(plain, line, commands, None)]
+
+        scale_down = system_steps.green_scale_down(plain, self.environment)
+        if scale_down is not None:
+            scale_down.source_line = line
+            return [self._finish_step(scale_down)]
+        smoke_tests = system_steps.smoke_test_tasks(plain, self.runbook)
+        if smoke_tests:
+            steps = []
+            for task in smoke_tests:
+                match = TaskMatch(task=task.title, task_line=task.line, reason="smoke")
+                for step in self._steps_for_task(task, match, line):
+                    step.title = f"{plain}: {step.title}"
+                    steps.append(step)
+            return steps
 
         self.warning(line, "lint.unmatched_phase_line", text=plain)
         return [self._manual_step(plain, line, "manual.no_task")]
@@ -383,7 +400,7 @@ class Planner:
             for attribute in task.attributes:
                 if _key_in(attribute.key, _PART_KEYS):
                     step.commands.extend(attribute.commands)
-        return self._finish_step(step)
+        return self._finish_step(step, task)
 
     def _is_env_task(self, task: Task) -> bool:
         category = (task.category or "").casefold()
@@ -483,7 +500,7 @@ class Planner:
         else:
             step.kind = "shell"
             step.run_command = command
-        return self._finish_step(step)
+        return self._finish_step(step, task)
 
     def _http_from_curl(self, step: Step, command: str, line: int) -> None:
         from steps.http import parse_curl
@@ -518,9 +535,10 @@ class Planner:
             return "kubernetes"
         return None
 
-    def _finish_step(self, step: Step) -> Step:
+    def _finish_step(self, step: Step, task: Task | None = None) -> Step:
         from steps import has_executor
 
+        system_steps.configure(step, task, self.runbook, self.environment, rollback=self._in_rollback)
         if step.kind == "http" and step.timeout_seconds is None:
             step.timeout_seconds = self.environment.http_timeout_seconds
         if step.automated and not has_executor(step.kind):
@@ -577,6 +595,13 @@ class Planner:
     # -- rollback plan ----------------------------------------------------
 
     def _rollback_step(self, rollback_line: RollbackLine) -> Step:
+        self._in_rollback = True
+        try:
+            return self._plan_rollback_line(rollback_line)
+        finally:
+            self._in_rollback = False
+
+    def _plan_rollback_line(self, rollback_line: RollbackLine) -> Step:
         plain = rollback_line.text.replace("`", "")
         title = re.split(r"[:：]", plain, maxsplit=1)[0].strip() if rollback_line.commands else plain
         traffic = self._traffic_step(plain, rollback_line.line, for_rollback=True)

@@ -24,6 +24,7 @@ _EXECUTORS = {
     "http": "steps.http:HttpExecutor",
     "sql": "steps.sql:SqlExecutor",
     "env": "steps.env:EnvExecutor",
+    "nginx": "steps.nginx:NginxExecutor",
 }
 GATE_KINDS = ("manual", "approval")
 

@@ -90,9 +90,18 @@ def test_plan_steps_follow_contract(plan_json):
 def test_plan_marks_kinds_without_executor_manual(plan_json):
     for phase in plan_json["phases"]:
         for step in phase["steps"]:
-            if step["kind"] in ("kubernetes", "nginx", "cdn", "datadog", "sentry", "traffic", "monitor"):
+            if step["kind"] in ("traffic", "monitor"):
                 assert step["automated"] is False
                 assert step["manual_reason"] == "manual.no_executor"
+
+
+def test_plan_without_system_settings_is_manual(plan_json):
+    # The environment of this plan has no kubernetes, nginx, cloudflare, datadog or sentry section.
+    for phase in plan_json["phases"]:
+        for step in phase["steps"]:
+            if step["kind"] in ("kubernetes", "nginx", "cdn", "datadog", "sentry"):
+                assert step["automated"] is False
+                assert step["manual_reason"] == "manual.no_settings"
 
 
 def test_plan_explains_loose_matches(plan_json):

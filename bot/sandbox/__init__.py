@@ -109,27 +109,44 @@ async def up(home: Path, *, reset: bool = False) -> dict[str, Any]:
     # From here on the sandbox counts as set up, even if the service fails to start.
     write_state(paths, state)
 
-    pid = last_service.get("pid")
-    port = last_service.get("port")
-    running = bool(pid) and _process.is_service_process(pid, paths)
-    if running and not await _process.check_health(port):
-        logger.warning("sandbox v2 service pid %d does not respond to /v2/health, restarting it", pid)
-        await _process.stop_service(pid, paths)
-        running = False
+    async def ensure(spec: _process.ServiceSpec, entry: dict[str, Any], store) -> None:
+        """Start the service unless it runs and responds; store(entry) records it in the state."""
+        pid, port = entry.get("pid"), entry.get("port")
+        running = bool(pid) and _process.is_service_process(pid, spec)
+        if running and not await _process.check_health(port, path=spec.health_path):
+            logger.warning("sandbox %s service pid %d does not respond, restarting it", spec.name, pid)
+            await _process.stop_service(pid, spec)
+            running = False
+        if running:
+            return
+        store({"pid": None, "port": port, "log": str(spec.log)})
+        write_state(paths, state)
+        service = await _process.start_service(spec, python, port)
+        store({"pid": service.pid, "port": service.port, "url": service.url, "started_at": _now(),
+               "log": str(spec.log)})
+        write_state(paths, state)
+        changes.append(f"{spec.name}_started" if spec.name != "v2" else "service_started")
 
-    if not running:
-        state["service"] = {"pid": None, "port": port, "log": str(paths.service_log)}
+    await ensure(_process.ServiceSpec.v2(paths), last_service, lambda entry: state.__setitem__("service", entry))
+    state["services"] = dict(previous.get("services") or {})
+    for spec in _extra_services(paths):
+        await ensure(spec, state["services"].get(spec.name) or {},
+                     lambda entry, name=spec.name: state["services"].__setitem__(name, entry))
+
+    from bot.sandbox import nginx
+
+    if nginx.nginx_available():
+        # nginx fronts both API versions: / goes to v1 until the runbook adds the /api/v2 location.
+        was_running = nginx.running_pid(paths.nginx) is not None
+        instance = await nginx.start_nginx(paths.nginx, state["services"]["v1"]["port"], state["service"]["port"],
+                                           reset=reset)
+        state["nginx"] = {"pid": instance.pid, "port": instance.port, "url": instance.url,
+                          "prefix": str(paths.nginx)}
         write_state(paths, state)
-        service = await _process.start_service(paths, python, port)
-        state["service"] = {
-            "pid": service.pid,
-            "port": service.port,
-            "url": service.url,
-            "started_at": _now(),
-            "log": str(paths.service_log),
-        }
-        write_state(paths, state)
-        changes.append("service_started")
+        if not was_running:
+            changes.append("nginx_started")
+    else:
+        logger.warning("nginx is not installed, so the sandbox runs without it and nginx steps stay manual")
 
     logger.info("sandbox under %s is up, changes: %s", paths.root, ", ".join(changes) or "none")
     return {**state, "changes": changes}
@@ -159,6 +176,19 @@ async def down(home: Path, *, purge: bool = False) -> None:
             await _process.stop_service(pid, paths)
         paths.port_file.unlink(missing_ok=True)
         state["service"] = {**service, "pid": None, "stopped_at": _now()}
+        services = state.get("services") or {}
+        for spec in _extra_services(paths):
+            entry = services.get(spec.name) or {}
+            if entry.get("pid"):
+                await _process.stop_service(entry["pid"], spec)
+            spec.port_file.unlink(missing_ok=True)
+            services[spec.name] = {**entry, "pid": None, "stopped_at": _now()}
+        state["services"] = services
+        if state.get("nginx"):
+            from bot.sandbox.nginx import stop_nginx
+
+            await stop_nginx(paths.nginx)
+            state["nginx"] = {**state["nginx"], "pid": None}
         if not purge:
             write_state(paths, state)
 
@@ -227,15 +257,31 @@ def sandbox_status(home: Path) -> dict[str, Any]:
     }
 
 
+def _extra_services(paths: SandboxPaths) -> list:
+    """Return the services the sandbox runs besides the v2 API: the v1 API and the emulators."""
+    from bot.sandbox._process import ServiceSpec
+
+    return [
+        ServiceSpec(name="v1", module="bot.sandbox.service", port_file=paths.root / "v1.port",
+                    log=paths.root / "v1.log", arguments=("--api-version", "v1"), health_path="/v1/health"),
+    ]
+
+
 def _environment_from_state(paths: SandboxPaths, state: dict[str, Any]) -> Environment:
     from bot.config import SANDBOX, Environment
     from bot.sandbox._workdir import script_command
 
     port = (state.get("service") or {}).get("port")
     url_rewrites = {PRODUCTION_API_URL: f"http://127.0.0.1:{port}"} if port else {}
+    nginx_settings = None
+    if state.get("nginx"):
+        from bot.sandbox.nginx import settings_for
+
+        nginx_settings = settings_for(paths.nginx)
     return Environment(
         name=SANDBOX,
         protected=False,
+        nginx=nginx_settings,
         workdir=Path(state["workdir"]),
         url_rewrites=url_rewrites,
         database_url=state["database_url"],

@@ -1,4 +1,9 @@
-"""Start, find and stop the detached v2 service process."""
+"""Start, find and stop the sandbox's detached service processes.
+
+Each service is a Python module run in its own session, which writes its
+bound port to a port file once it accepts connections: the v1 and v2 API
+services, and the emulators of Kubernetes and the SaaS APIs.
+"""
 
 from __future__ import annotations
 
@@ -28,6 +33,23 @@ _spawned_pids: set[int] = set()
 
 
 @dataclass(frozen=True)
+class ServiceSpec:
+    """How to run one sandbox service and tell that it is ready."""
+
+    name: str
+    module: str
+    port_file: Path
+    log: Path
+    arguments: tuple[str, ...] = ()
+    # A GET of this path must return 200 with {"status": "ok"}; None accepts any HTTP response.
+    health_path: str | None = "/v2/health"
+
+    @classmethod
+    def v2(cls, paths: SandboxPaths) -> ServiceSpec:
+        return cls(name="v2", module=SERVICE_MODULE, port_file=paths.port_file, log=paths.service_log)
+
+
+@dataclass(frozen=True)
 class ServiceProcess:
     pid: int
     port: int
@@ -37,12 +59,13 @@ class ServiceProcess:
         return f"http://{HOST}:{self.port}"
 
 
-def is_service_process(pid: int, paths: SandboxPaths) -> bool:
-    """Return whether pid is a live v2 service started for this sandbox.
+def is_service_process(pid: int, spec: ServiceSpec | SandboxPaths) -> bool:
+    """Return whether pid is a live service started for this sandbox (the v2 service when given paths).
 
     The command line must name the service module and this sandbox's port
     file, so a recycled pid is never mistaken for the service.
     """
+    spec = _spec(spec)
     if not _is_alive(pid):
         return False
     try:
@@ -54,37 +77,43 @@ def is_service_process(pid: int, paths: SandboxPaths) -> bool:
         # line cannot be checked, so any live process with this pid counts.
         return True
     arguments = raw.decode("utf-8", "replace").split("\0")
-    return SERVICE_MODULE in arguments and str(paths.port_file) in arguments
+    return spec.module in arguments and str(spec.port_file) in arguments
 
 
-async def start_service(paths: SandboxPaths, python: str, preferred_port: int | None) -> ServiceProcess:
-    """Start the service in its own session and wait until /v2/health responds.
+def _spec(spec: ServiceSpec | SandboxPaths) -> ServiceSpec:
+    return spec if isinstance(spec, ServiceSpec) else ServiceSpec.v2(spec)
+
+
+async def start_service(spec: ServiceSpec | SandboxPaths, python: str, preferred_port: int | None) -> ServiceProcess:
+    """Start the service in its own session and wait until it responds.
 
     Tries preferred_port first, so the URL stays the same across restarts,
     and falls back to a free port when that one is taken.
     """
+    spec = _spec(spec)
     ports = [preferred_port, 0] if preferred_port else [0]
     for port in ports:
-        pid = _spawn(paths, python, port)
+        pid = _spawn(spec, python, port)
         try:
-            bound_port = await _wait_until_healthy(paths, pid)
+            bound_port = await _wait_until_healthy(spec, pid)
         except _ExitedEarly:
             if port != 0:
-                logger.info("v2 service could not use port %d, retrying on a free port", port)
+                logger.info("sandbox %s service could not use port %d, retrying on a free port", spec.name, port)
                 continue
-            raise PostmergeError("sandbox.service_start_failed", log=str(paths.service_log)) from None
+            raise PostmergeError("sandbox.service_start_failed", log=str(spec.log)) from None
         except BaseException:
-            await stop_service(pid, paths)
+            await stop_service(pid, spec)
             raise
-        logger.info("started sandbox v2 service pid %d on port %d", pid, bound_port)
+        logger.info("started sandbox %s service pid %d on port %d", spec.name, pid, bound_port)
         return ServiceProcess(pid=pid, port=bound_port)
 
-    raise PostmergeError("sandbox.service_start_failed", log=str(paths.service_log))
+    raise PostmergeError("sandbox.service_start_failed", log=str(spec.log))
 
 
-async def stop_service(pid: int, paths: SandboxPaths) -> bool:
+async def stop_service(pid: int, spec: ServiceSpec | SandboxPaths) -> bool:
     """Stop the service with SIGTERM, then SIGKILL after a grace period. Returns whether it was running."""
-    if not is_service_process(pid, paths):
+    spec = _spec(spec)
+    if not is_service_process(pid, spec):
         return False
 
     for signum, wait_seconds in ((signal.SIGTERM, STOP_GRACE_SECONDS), (signal.SIGKILL, STOP_GRACE_SECONDS)):
@@ -95,22 +124,25 @@ async def stop_service(pid: int, paths: SandboxPaths) -> bool:
         deadline = time.monotonic() + wait_seconds
         while time.monotonic() < deadline:
             if not _is_alive(pid):
-                logger.info("stopped sandbox v2 service pid %d with %s", pid, signum.name)
+                logger.info("stopped sandbox %s service pid %d with %s", spec.name, pid, signum.name)
                 return True
             await asyncio.sleep(POLL_SECONDS)
-        logger.warning("sandbox v2 service pid %d still running %.0f s after %s", pid, wait_seconds, signum.name)
+        logger.warning("sandbox %s service pid %d still running %.0f s after %s", spec.name, pid, wait_seconds,
+                       signum.name)
 
     return True
 
 
-async def check_health(port: int, timeout_seconds: float = 2.0) -> bool:
-    """Return whether GET /v2/health on the port returns 200 with status ok."""
+async def check_health(port: int, timeout_seconds: float = 2.0, path: str | None = "/v2/health") -> bool:
+    """Return whether GET path on the port returns 200 with status ok; without a path, any HTTP response counts."""
     import aiohttp
 
     timeout = aiohttp.ClientTimeout(total=timeout_seconds)
     try:
         async with aiohttp.ClientSession(timeout=timeout) as session:
-            async with session.get(f"http://{HOST}:{port}/v2/health") as response:
+            async with session.get(f"http://{HOST}:{port}{path or '/'}") as response:
+                if path is None:
+                    return True
                 if response.status != 200:
                     return False
                 body = await response.json(content_type=None)
@@ -123,9 +155,9 @@ class _ExitedEarly(Exception):
     pass
 
 
-def _spawn(paths: SandboxPaths, python: str, port: int) -> int:
-    paths.port_file.unlink(missing_ok=True)
-    argv = [python, "-m", SERVICE_MODULE, "--port", str(port), "--port-file", str(paths.port_file)]
+def _spawn(spec: ServiceSpec, python: str, port: int) -> int:
+    spec.port_file.unlink(missing_ok=True)
+    argv = [python, "-m", spec.module, "--port", str(port), "--port-file", str(spec.port_file), *spec.arguments]
     environment = dict(os.environ, PYTHONUNBUFFERED="1")
     # posix_spawn returns a bare pid: unlike subprocess.Popen it leaves no
     # object behind that warns when the caller exits before the service.
@@ -135,7 +167,7 @@ def _spawn(paths: SandboxPaths, python: str, port: int) -> int:
         environment,
         file_actions=[
             (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-            (os.POSIX_SPAWN_OPEN, 1, str(paths.service_log), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644),
+            (os.POSIX_SPAWN_OPEN, 1, str(spec.log), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644),
             (os.POSIX_SPAWN_DUP2, 1, 2),
         ],
         setsid=True,
@@ -145,18 +177,18 @@ def _spawn(paths: SandboxPaths, python: str, port: int) -> int:
     return pid
 
 
-async def _wait_until_healthy(paths: SandboxPaths, pid: int) -> int:
+async def _wait_until_healthy(spec: ServiceSpec, pid: int) -> int:
     deadline = time.monotonic() + START_TIMEOUT_SECONDS
     while time.monotonic() < deadline:
         if not _is_alive(pid):
             raise _ExitedEarly()
-        port = _read_port(paths.port_file)
-        if port is not None and await check_health(port, timeout_seconds=1.0):
+        port = _read_port(spec.port_file)
+        if port is not None and await check_health(port, timeout_seconds=1.0, path=spec.health_path):
             return port
         await asyncio.sleep(POLL_SECONDS * 2)
 
     raise PostmergeError(
-        "sandbox.service_start_timeout", seconds=int(START_TIMEOUT_SECONDS), log=str(paths.service_log)
+        "sandbox.service_start_timeout", seconds=int(START_TIMEOUT_SECONDS), log=str(spec.log)
     )
 
 

@@ -62,6 +62,10 @@ class SandboxPaths:
         return self.root / "service.log"
 
     @property
+    def nginx(self) -> Path:
+        return self.root / "nginx"
+
+    @property
     def port_file(self) -> Path:
         return self.root / "service.port"
 
