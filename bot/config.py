@@ -11,7 +11,7 @@ import os
 import tomllib
 from pathlib import Path
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from bot.errors import ConfigError
@@ -169,11 +169,27 @@ class Environment(BaseModel):
     datadog: DatadogSettings | None = None
     sentry: SentrySettings | None = None
 
+    # Credentials by variable name, such as CLOUDFLARE_API_TOKEN. Unlike `variables`,
+    # they are never given to shell steps, and their values are masked in step output.
+    secrets: dict[str, SecretStr] = Field(default_factory=dict)
+
     def secret(self, name: str) -> str | None:
-        """Return a credential by variable name: the environment's variables first, then the process environment."""
+        """Return a credential by variable name: secrets, then variables, then the process environment."""
         import os
 
+        if name in self.secrets:
+            return self.secrets[name].get_secret_value()
         return self.variables.get(name) or os.environ.get(name) or None
+
+    def secret_values(self) -> list[str]:
+        """Return the credential values that step output must never show."""
+        names = set(self.secrets)
+        for section in (self.cloudflare, self.datadog, self.sentry):
+            if section is not None:
+                names.update(value for key, value in section.model_dump().items() if key.endswith("_variable"))
+        values = {self.secret(name) for name in names}
+        # Very short values would mask ordinary words, and no real credential is that short.
+        return sorted((value for value in values if value and len(value) >= 6), key=len, reverse=True)
 
     def resolve(self, path: str) -> Path:
         candidate = Path(path)

@@ -278,7 +278,8 @@ class Engine:
             previous = {**inverse_source(await self.store.steps(run.parent_run_id), step), **previous}
 
         output = OutputBuffer(self.environment.output_limit_bytes,
-                              on_line=lambda line: self._output_line(run.id, step, line))
+                              on_line=lambda line: self._output_line(run.id, step, line),
+                              mask=self.environment.secret_values())
         context = StepContext(
             run_id=run.id,
             step=step,

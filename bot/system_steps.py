@@ -53,7 +53,7 @@ def configure(step: Step, task: Task | None, runbook: Runbook, environment: Envi
     if step.kind == "nginx":
         _nginx(step, task, rollback)
     elif step.kind == "cdn":
-        _cdn(step, task, rollback)
+        _cdn(step, task, runbook, rollback)
     elif step.kind == "datadog":
         _datadog(step, task, runbook)
     elif step.kind == "sentry":
@@ -98,13 +98,14 @@ def _kubernetes(step: Step, environment: Environment) -> Step:
     command = step.commands[0] if step.commands else ""
     if not command:
         return _manual(step, "manual.nothing_to_run")
-    if parse_kubectl(command) is None:
+    parsed = parse_kubectl(command)
+    if parsed is None:
         if environment.kubernetes.allow_shell:
             step.kind = "shell"
             step.run_command = command
             return step
         return _manual(step, "manual.kubectl_unknown", command=command)
-    step.params = {"command": command}
+    step.params = parsed.to_params()
     return step
 
 
@@ -134,11 +135,24 @@ def _nginx(step: Step, task: Task | None, rollback: bool) -> None:
     step.params = params
 
 
-def _cdn(step: Step, task: Task | None, rollback: bool) -> None:
+def _cdn(step: Step, task: Task | None, runbook: Runbook, rollback: bool) -> None:
     if rollback:
-        step.params = {"action": "delete"}
+        # "CDN設定を元に戻す" names no rule: it undoes the rule of the runbook's CDN task.
+        cdn_task = next((candidate for candidate in runbook.tasks
+                         if re.search(r"cdn|cloudflare", f"{candidate.title} {candidate.text}", re.I)), None)
+        step.params = {"action": "delete", **_cdn_params(cdn_task)}
+        if "pattern" not in step.params:
+            _manual(step, "manual.cdn_without_pattern")
         return
-    params: dict = {"action": "create"}
+    params = {"action": "create", **_cdn_params(task)}
+    if "pattern" not in params:
+        _manual(step, "manual.cdn_without_pattern")
+        return
+    step.params = params
+
+
+def _cdn_params(task: Task | None) -> dict:
+    params: dict = {}
     if task is not None:
         for attribute in task.attributes:
             patterns = [code for code in attribute.commands if code.startswith("/")]
@@ -149,10 +163,7 @@ def _cdn(step: Step, task: Task | None, rollback: bool) -> None:
                     params["ttl_seconds"] = parse_duration(attribute.value.replace("`", ""))
                 except DurationError:
                     pass
-    if "pattern" not in params:
-        _manual(step, "manual.cdn_without_pattern")
-        return
-    step.params = params
+    return params
 
 
 def _datadog(step: Step, task: Task | None, runbook: Runbook) -> None:
@@ -161,12 +172,14 @@ def _datadog(step: Step, task: Task | None, runbook: Runbook) -> None:
         step.params = {"action": "readings", "readings": [], "metrics": metrics}
         return
     readings = task.attribute("確認項目", "check items", "checks")
-    if readings is not None:
-        items = [item.strip() for item in re.split(r"[、,，]", readings.value.replace("`", "")) if item.strip()]
+    dashboard = task.attribute("ダッシュボード", "dashboard")
+    # A check (確認項目, or any Datadog line under Verification) reads metrics and changes nothing.
+    if readings is not None or task.section == "verification" or dashboard is None:
+        items = ([item.strip() for item in re.split(r"[、,，]", readings.value.replace("`", "")) if item.strip()]
+                 if readings is not None else [])
         step.params = {"action": "readings", "readings": items, "metrics": metrics}
         return
     params: dict = {"action": "setup", "metrics": metrics}
-    dashboard = task.attribute("ダッシュボード", "dashboard")
     if dashboard is not None:
         params["dashboard"] = dashboard.value.replace("`", "").strip()
     alert = task.attribute("アラート設定", "alert", "アラート")

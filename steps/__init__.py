@@ -25,6 +25,10 @@ _EXECUTORS = {
     "sql": "steps.sql:SqlExecutor",
     "env": "steps.env:EnvExecutor",
     "nginx": "steps.nginx:NginxExecutor",
+    "kubernetes": "steps.kubernetes:KubernetesExecutor",
+    "cdn": "steps.cdn:CdnExecutor",
+    "datadog": "steps.datadog:DatadogExecutor",
+    "sentry": "steps.sentry:SentryExecutor",
 }
 GATE_KINDS = ("manual", "approval")
 

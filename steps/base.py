@@ -28,9 +28,12 @@ class OutputBuffer:
     `limit_bytes`, and notes how much was dropped between them.
     """
 
-    def __init__(self, limit_bytes: int, on_line: OutputCallback | None = None) -> None:
+    def __init__(self, limit_bytes: int, on_line: OutputCallback | None = None,
+                 mask: list[str] | None = None) -> None:
         self.limit_bytes = limit_bytes
         self.on_line = on_line
+        # Credential values replaced in every line before it is kept or shown.
+        self.mask = [value for value in (mask or []) if value]
         self._head: list[str] = []
         self._head_bytes = 0
         self._tail: deque[str] = deque()
@@ -40,6 +43,8 @@ class OutputBuffer:
 
     def write(self, line: str) -> None:
         line = line.rstrip("\r\n")
+        for value in self.mask:
+            line = line.replace(value, "****")
         size = len(line.encode("utf-8", "replace")) + 1
         self.last_line = line or self.last_line
         if self.on_line is not None:

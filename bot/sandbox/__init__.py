@@ -264,6 +264,16 @@ def _extra_services(paths: SandboxPaths) -> list:
     return [
         ServiceSpec(name="v1", module="bot.sandbox.service", port_file=paths.root / "v1.port",
                     log=paths.root / "v1.log", arguments=("--api-version", "v1"), health_path="/v1/health"),
+        # Any HTTP response counts as ready: the API answers 401 without the token.
+        ServiceSpec(name="kubernetes", module="bot.sandbox.kube_api", port_file=paths.root / "kube.port",
+                    log=paths.root / "kube.log", health_path=None,
+                    arguments=("--state", str(paths.root / "kube-state.json"),
+                               "--token-file", str(paths.root / "kube-token"),
+                               "--kubeconfig", str(paths.kubeconfig))),
+        ServiceSpec(name="saas", module="bot.sandbox.saas", port_file=paths.root / "saas.port",
+                    log=paths.root / "saas.log", health_path=None,
+                    arguments=("--state", str(paths.root / "saas-state.json"),
+                               "--credentials", str(paths.saas_credentials))),
     ]
 
 
@@ -273,6 +283,17 @@ def _environment_from_state(paths: SandboxPaths, state: dict[str, Any]) -> Envir
 
     port = (state.get("service") or {}).get("port")
     url_rewrites = {PRODUCTION_API_URL: f"http://127.0.0.1:{port}"} if port else {}
+    from bot.config import KubernetesSettings
+
+    kubernetes_settings = None
+    if (state.get("services") or {}).get("kubernetes"):
+        kubernetes_settings = KubernetesSettings(kubeconfig=paths.kubeconfig, context="postmerge-sandbox",
+                                                 green_deployment="api", wait_timeout_seconds=60)
+    saas_settings: dict[str, Any] = {}
+    secrets: dict[str, str] = {}
+    saas_port = ((state.get("services") or {}).get("saas") or {}).get("port")
+    if saas_port and paths.saas_credentials.is_file():
+        saas_settings, secrets = _saas_settings(saas_port, paths.saas_credentials)
     nginx_settings = None
     if state.get("nginx"):
         from bot.sandbox.nginx import settings_for
@@ -282,6 +303,8 @@ def _environment_from_state(paths: SandboxPaths, state: dict[str, Any]) -> Envir
         name=SANDBOX,
         protected=False,
         nginx=nginx_settings,
+        kubernetes=kubernetes_settings,
+        **saas_settings,
         workdir=Path(state["workdir"]),
         url_rewrites=url_rewrites,
         database_url=state["database_url"],
@@ -291,10 +314,36 @@ def _environment_from_state(paths: SandboxPaths, state: dict[str, Any]) -> Envir
             # npm checks the registry for a newer npm version unless update-notifier is false.
             "NPM_CONFIG_UPDATE_NOTIFIER": "false",
         },
+        secrets=secrets,
         env_files=[".env.production"],
         commands={"pg_restore": script_command(state["python"], "restore")},
         writeback=True,
     )
+
+
+def _saas_settings(port: int, credentials_file: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """Return the cloudflare, datadog and sentry settings and the credentials for the sandbox's emulator."""
+    import json
+
+    from bot.config import CloudflareSettings, DatadogSettings, SentrySettings
+
+    credentials = json.loads(credentials_file.read_text(encoding="utf-8"))
+    base = f"http://127.0.0.1:{port}"
+    settings = {
+        "cloudflare": CloudflareSettings(api_url=f"{base}/cloudflare/client/v4",
+                                         zone_id=credentials["cloudflare"]["zone_id"]),
+        "datadog": DatadogSettings(api_url=f"{base}/datadog"),
+        "sentry": SentrySettings(api_url=f"{base}/sentry/api/0",
+                                 organization=credentials["sentry"]["organization"],
+                                 project=credentials["sentry"]["project"]),
+    }
+    secrets = {
+        "CLOUDFLARE_API_TOKEN": credentials["cloudflare"]["token"],
+        "DD_API_KEY": credentials["datadog"]["api_key"],
+        "DD_APP_KEY": credentials["datadog"]["app_key"],
+        "SENTRY_AUTH_TOKEN": credentials["sentry"]["token"],
+    }
+    return settings, secrets
 
 
 def _warn_if_environment_differs(saved: SandboxSettings) -> None:

@@ -62,6 +62,14 @@ class SandboxPaths:
         return self.root / "service.log"
 
     @property
+    def kubeconfig(self) -> Path:
+        return self.root / "kubeconfig"
+
+    @property
+    def saas_credentials(self) -> Path:
+        return self.root / "saas-credentials.json"
+
+    @property
     def nginx(self) -> Path:
         return self.root / "nginx"
 

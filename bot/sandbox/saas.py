@@ -1155,12 +1155,18 @@ class SaasEmulator:
         return _json({"recorded": len(points)})
 
 
-async def _serve(port: int, state_file: Path | None, credentials_file: Path | None) -> None:
+async def _serve(port: int, state_file: Path | None, credentials_file: Path | None,
+                 port_file: Path | None = None) -> None:
     credentials = load_credentials(credentials_file) if credentials_file else None
     emulator = SaasEmulator(port=port, credentials=credentials, state_file=state_file)
     await emulator.start()
     print(json.dumps({"port": emulator.port, "cloudflare_url": emulator.cloudflare_url,
                       "datadog_url": emulator.datadog_url, "sentry_url": emulator.sentry_url}), flush=True)
+    if port_file is not None:
+        # Write then rename, so a reader never sees a partial number.
+        partial = port_file.with_name(port_file.name + ".tmp")
+        partial.write_text(f"{emulator.port}\n", encoding="utf-8")
+        os.replace(partial, port_file)
     stopped = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signal_number in (signal.SIGTERM, signal.SIGINT):
@@ -1178,10 +1184,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--state", type=Path, help="JSON file the state is read from and written to")
     parser.add_argument("--credentials", type=Path,
                         help="JSON file of the accepted tokens and keys, created with new ones when missing")
+    parser.add_argument("--port-file", type=Path, help="file that receives the bound port once listening")
     arguments = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
     try:
-        asyncio.run(_serve(arguments.port, arguments.state, arguments.credentials))
+        asyncio.run(_serve(arguments.port, arguments.state, arguments.credentials, arguments.port_file))
     except KeyboardInterrupt:
         pass
     return 0
