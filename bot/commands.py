@@ -286,6 +286,8 @@ async def resume_command(args, console: Console, locale: str, settings: Settings
     plan = Plan.model_validate(run.plan)
     engine = _engine(settings, store, environment, locale, console, yes=args.yes,
                      runbook_path=Path(run.runbook_path), language=plan.language, on_interrupted=args.on_interrupted)
+    # A failed run resumes at its failed step, for example after an API outage was fixed.
+    await engine.reopen(run.id)
     outcome = await engine.drive(run.id)
     return outcome.exit_code
 
@@ -467,6 +469,11 @@ async def sandbox_command(args, console: Console, locale: str, settings: Setting
         if args.reset:
             console.print(Text(translate("sandbox.up_reset_done", locale, **params), style="green"))
         console.print(Text(translate("sandbox.up_ready", locale, **params), style="green"))
+        if state.get("nginx"):
+            console.print(Text(translate("sandbox.up_systems", locale, nginx=state["nginx"]["url"],
+                                         kubeconfig=str(home / "sandbox" / "kubeconfig"))))
+        else:
+            console.print(Text(translate("sandbox.up_without_nginx", locale), style="yellow"))
         return EXIT_OK
     if action == "down":
         before = sandbox.sandbox_status(home)

@@ -110,6 +110,20 @@ class Engine:
             parent_run_id=parent_run_id,
         )
 
+    async def reopen(self, run_id: str) -> bool:
+        """Make a failed run resumable, so its failed step runs again; return whether it was failed.
+
+        Only a run (not a rollback) that failed is reopened, and only while no
+        other run of the same runbook and environment is active.
+        """
+        run = await self.store.get_run(run_id)
+        if run.status != "failed" or run.kind != "run":
+            return False
+        await self.store.take_lock(run.id)
+        await self.store.update_run(run.id, status="paused", error=None, failed_step=None, failed_phase=None,
+                                    finished_at=None, event_type="run.reopened", actor=self.actor)
+        return True
+
     def artifacts_dir(self, run: RunRecord) -> Path:
         # A rollback shares the artifacts of the run it undoes, such as its backup.
         return self.home / "runs" / (run.parent_run_id or run.id)

@@ -127,3 +127,57 @@ def _nginx_binary() -> list[str]:
     from bot.sandbox.nginx import find_nginx
 
     return [find_nginx() or "nginx"]
+
+
+def inject_fault(home: Path, path: str, status: int, times: int) -> None:
+    port = sandbox_state(home)["services"]["saas"]["port"]
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/_emulator/faults", method="POST",
+                                     data=json.dumps({"path": path, "status": status, "times": times}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.status == 200
+
+
+def test_cloudflare_outage_fails_run_then_resume_completes(sandbox):
+    home, env, _ = sandbox
+    inject_fault(home, "/cloudflare/", 503, times=1)
+    runbook = copy_runbook(home)
+    failed = run_cli("run", str(runbook), "--env", "sandbox", "--yes", "--locale", "en", home=home, env=env)
+    assert failed.returncode == 1, failed.stdout[-3000:]
+    # The error names the system and what to do next; the run stops at the CDN step.
+    assert "p4.5" in failed.stdout
+    assert "Cloudflare" in failed.stdout
+    assert "HTTP 503" in failed.stdout or "503" in failed.stdout
+    status = json.loads(run_cli("status", "--json", home=home, env=env).stdout)["runs"][0]
+    assert status["status"] == "failed"
+
+    resumed = run_cli("resume", status["id"], "--yes", "--locale", "en", home=home, env=env)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr
+    status = json.loads(run_cli("status", "--json", home=home, env=env).stdout)["runs"][0]
+    assert status["status"] == "completed"
+    assert "## Status: completed" in runbook.read_text(encoding="utf-8")
+
+
+def test_phase_5_failure_rolls_back_nginx_and_cdn(sandbox):
+    home, env, _ = sandbox
+    # Datadog keeps failing, so phase 5 fails after phase 4 changed nginx, the CDN and .env.production.
+    inject_fault(home, "/datadog/", 500, times=50)
+    runbook = copy_runbook(home)
+    failed = run_cli("run", str(runbook), "--env", "sandbox", "--yes", home=home, env=env)
+    assert failed.returncode == 1, failed.stdout[-3000:]
+    site = home / "sandbox" / "nginx" / "sites-available" / "api.conf"
+    assert "location /api/v2" in site.read_text(encoding="utf-8")
+    run_id = json.loads(run_cli("status", "--json", home=home, env=env).stdout)["runs"][0]["id"]
+
+    rolled_back = run_cli("rollback", run_id, "--yes", home=home, env=env)
+    assert rolled_back.returncode == 0, rolled_back.stdout[-3000:] + rolled_back.stderr
+    assert "location /api/v2" not in site.read_text(encoding="utf-8")
+    nginx_url = sandbox_state(home)["nginx"]["url"]
+    assert get(f"{nginx_url}/api/v2/users")[1]["X-Served-By"] == "v1"
+    saas = saas_state(home)
+    rules = [rule for zone in saas["cloudflare"]["rulesets"].values() for ruleset in zone.values()
+             for rule in ruleset.get("rules", [])]
+    assert rules == []
+    dotenv = (home / "sandbox" / "work" / ".env.production").read_text(encoding="utf-8")
+    assert "API_VERSION=v2" not in dotenv
+    assert "## Status: rolled-back" in runbook.read_text(encoding="utf-8")

@@ -253,8 +253,32 @@ def sandbox_status(home: Path) -> dict[str, Any]:
             "url": f"http://127.0.0.1:{port}" if port else None,
             "log": service.get("log"),
         },
+        "services": {
+            spec.name: _service_status((state.get("services") or {}).get(spec.name) or {}, spec)
+            for spec in _extra_services(paths)
+        },
+        "nginx": _nginx_status(paths, state),
         "switches": read_switch_file(paths.root),
     }
+
+
+def _service_status(entry: dict[str, Any], spec) -> dict[str, Any]:
+    from bot.sandbox import _process
+
+    pid, port = entry.get("pid"), entry.get("port")
+    running = bool(pid) and _process.is_service_process(pid, spec)
+    return {"running": running, "pid": pid if running else None, "port": port,
+            "url": f"http://127.0.0.1:{port}" if port else None, "log": entry.get("log")}
+
+
+def _nginx_status(paths: SandboxPaths, state: dict[str, Any]) -> dict[str, Any] | None:
+    if not state.get("nginx"):
+        return None
+    from bot.sandbox.nginx import running_pid
+
+    pid = running_pid(paths.nginx)
+    return {"running": pid is not None, "pid": pid, "url": state["nginx"].get("url"),
+            "config": str(paths.nginx / "nginx.conf")}
 
 
 def _extra_services(paths: SandboxPaths) -> list:

@@ -100,14 +100,14 @@ async def start_service(spec: ServiceSpec | SandboxPaths, python: str, preferred
             if port != 0:
                 logger.info("sandbox %s service could not use port %d, retrying on a free port", spec.name, port)
                 continue
-            raise PostmergeError("sandbox.service_start_failed", log=str(spec.log)) from None
+            raise PostmergeError("sandbox.service_start_failed", name=spec.name, log=str(spec.log)) from None
         except BaseException:
             await stop_service(pid, spec)
             raise
         logger.info("started sandbox %s service pid %d on port %d", spec.name, pid, bound_port)
         return ServiceProcess(pid=pid, port=bound_port)
 
-    raise PostmergeError("sandbox.service_start_failed", log=str(spec.log))
+    raise PostmergeError("sandbox.service_start_failed", name=spec.name, log=str(spec.log))
 
 
 async def stop_service(pid: int, spec: ServiceSpec | SandboxPaths) -> bool:
@@ -188,7 +188,7 @@ async def _wait_until_healthy(spec: ServiceSpec, pid: int) -> int:
         await asyncio.sleep(POLL_SECONDS * 2)
 
     raise PostmergeError(
-        "sandbox.service_start_timeout", seconds=int(START_TIMEOUT_SECONDS), log=str(spec.log)
+        "sandbox.service_start_timeout", name=spec.name, seconds=int(START_TIMEOUT_SECONDS), log=str(spec.log)
     )
 
 
