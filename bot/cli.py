@@ -16,6 +16,9 @@ from pathlib import Path
 from bot.errors import ConfigError, PostmergeError, RunbookError, RunConflict, RunNotFound, UsageError
 from bot.i18n import LOCALES, current_locale, translate
 
+# Width of tables when the output is a pipe or a file and COLUMNS is not set.
+PIPE_COLUMNS = 160
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
@@ -126,8 +129,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from rich.console import Console
 
-    # soft_wrap keeps messages on one line when the output is not a terminal.
-    console = Console(stderr=False, highlight=False, soft_wrap=True)
+    # soft_wrap keeps messages on one line when the output is not a terminal. Rich
+    # assumes 80 columns there, which cuts table cells in pipes and logs, so a
+    # wider table is used unless COLUMNS sets the width.
+    width = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else PIPE_COLUMNS
+    console = Console(stderr=False, highlight=False, soft_wrap=True, width=width)
     console.on_broken_pipe = _reader_went_away
     error_console = Console(stderr=True, highlight=False, soft_wrap=True)
     try:

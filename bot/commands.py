@@ -204,7 +204,8 @@ async def run_async_command(args: argparse.Namespace, console: Console, locale: 
     from storage import Store
 
     if args.command == "serve":
-        return await serve_command(args, settings)
+        settings.locale = locale
+        return await serve_command(args, console, settings)
 
     prepared = None
     if args.command == "run":
@@ -434,17 +435,20 @@ async def status_command(args, console: Console, locale: str, store) -> int:
     return EXIT_OK
 
 
-async def serve_command(args, settings: Settings) -> int:
+async def serve_command(args, console: Console, settings: Settings) -> int:
     """Serve the Slack bot until interrupted."""
     from bot.slack.app import serve
     from bot.slack.service import load_slack_settings
     from storage import Store
 
     slack = load_slack_settings()
+    # Read postmerge.toml now, so a broken file stops start-up rather than the first command.
+    load_environments(settings)
     store = await Store.open(settings.store_url(args.db))
     # SIGTERM (as Kubernetes sends it) stops the bot the way Ctrl-C does: runs stop
     # between commits, release their leases, and the next bot picks them up.
-    serving = asyncio.ensure_future(serve(settings, slack, store, args.port))
+    serving = asyncio.ensure_future(serve(settings, slack, store, args.port,
+                                          announce=lambda text: console.print(Text(text, style="green"))))
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, serving.cancel)
     try:

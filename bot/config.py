@@ -62,7 +62,7 @@ def normalize_database_url(url: str) -> str:
 
 
 class KubernetesSettings(BaseModel):
-    """How kubernetes steps reach a cluster."""
+    """Connection settings of kubernetes steps: the cluster, namespace and waits."""
 
     model_config = {"extra": "forbid"}
 
@@ -82,7 +82,7 @@ class KubernetesSettings(BaseModel):
 
 
 class NginxSettings(BaseModel):
-    """Where nginx steps find the config files a runbook names, and how they validate and reload."""
+    """Settings of nginx steps: the files a runbook names, and the validate and reload commands."""
 
     model_config = {"extra": "forbid"}
 
@@ -101,8 +101,9 @@ class CloudflareSettings(BaseModel):
 
     api_url: str = "https://api.cloudflare.com/client/v4"
     zone_id: str
-    # The name of the variable (environment `variables`, then the process
-    # environment) that contains the API token. The token itself never goes in this file.
+    # The name of the variable that contains the API token, looked up in the
+    # environment's secrets, its variables, then the process environment.
+    # The token itself never goes in this file.
     token_variable: str = "CLOUDFLARE_API_TOKEN"
 
 

@@ -1,9 +1,9 @@
 """Planning of steps that change external systems: Kubernetes, nginx, Cloudflare, Datadog and Sentry.
 
 The planner decides a step's kind. This module fills the step's `params`
-from the task's attributes, which the kind's executor reads, or makes the
-step manual with the reason: the environment has no settings for the system,
-or the runbook line has a form no executor maps.
+from the task's attributes, and the kind's executor reads them. When the
+environment has no settings for the system, or no executor maps the
+runbook line's form, the step becomes manual with that reason.
 """
 
 from __future__ import annotations

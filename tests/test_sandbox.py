@@ -489,3 +489,11 @@ def test_set_switch_requires_sandbox(tmp_path: Path):
         set_switch(tmp_path, "integrity-failure", True)
 
     assert raised.value.key == "sandbox.not_set_up"
+
+
+def test_unknown_switch_exits_2(tmp_path: Path):
+    from conftest import run_cli
+
+    result = run_cli("sandbox", "switch", "disk-full", "on", home=tmp_path)
+    assert result.returncode == 2
+    assert "disk-full" in result.stderr

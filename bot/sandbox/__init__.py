@@ -288,7 +288,7 @@ def _extra_services(paths: SandboxPaths) -> list:
     return [
         ServiceSpec(name="v1", module="bot.sandbox.service", port_file=paths.root / "v1.port",
                     log=paths.root / "v1.log", arguments=("--api-version", "v1"), health_path="/v1/health"),
-        # Any HTTP response counts as ready: the API answers 401 without the token.
+        # Any HTTP response counts as ready, because the API returns 401 without the token.
         ServiceSpec(name="kubernetes", module="bot.sandbox.kube_api", port_file=paths.root / "kube.port",
                     log=paths.root / "kube.log", health_path=None,
                     arguments=("--state", str(paths.root / "kube-state.json"),

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
-from bot.errors import PostmergeError
+from bot.errors import PostmergeError, UsageError
 
 STATE_FORMAT = 1
 
@@ -204,7 +204,7 @@ def read_switch_file(root: Path) -> dict[str, bool]:
 
 def check_switch_name(name: str) -> None:
     if name not in KNOWN_SWITCHES:
-        raise PostmergeError("sandbox.unknown_switch", name=name, known=", ".join(sorted(KNOWN_SWITCHES)))
+        raise UsageError("sandbox.unknown_switch", name=name, known=", ".join(sorted(KNOWN_SWITCHES)))
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

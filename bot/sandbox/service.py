@@ -5,9 +5,9 @@ Run one as `python -m bot.sandbox.service --port N [--port-file PATH]
 system picks a free port, and `--port-file` receives the port once the
 service accepts connections.
 
-The v2 service answers the runbook's /v2 endpoints. Both versions answer
-any other path with their version and the X-Served-By header, so a request
-sent through nginx shows which backend served it.
+The v2 service serves the runbook's /v2 endpoints. For any other path,
+both versions return their version and the X-Served-By header, so a
+request sent through nginx shows which backend served it.
 """
 
 from __future__ import annotations

@@ -43,6 +43,13 @@ def init_error_reporting(secrets: list[str] | None = None) -> bool:
             return None
         return scrubbed
 
-    sentry_sdk.init(dsn=dsn, send_default_pii=False, before_send=before_send,
-                    environment=os.environ.get("POSTMERGE_SENTRY_ENVIRONMENT", "postmerge"))
+    from sentry_sdk.utils import BadDsn
+
+    try:
+        sentry_sdk.init(dsn=dsn, send_default_pii=False, before_send=before_send,
+                        environment=os.environ.get("POSTMERGE_SENTRY_ENVIRONMENT", "postmerge"))
+    except BadDsn as error:
+        from bot.errors import ConfigError
+
+        raise ConfigError("slack.invalid_sentry_dsn", error=str(error)) from None
     return True

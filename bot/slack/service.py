@@ -34,37 +34,44 @@ class SlackSettings(BaseSettings):
 
     model_config = SettingsConfigDict(extra="ignore")
 
-    slack_bot_token: str = Field(min_length=1)
+    slack_bot_token: str = ""
     slack_signing_secret: str | None = None
     slack_app_token: str | None = None
     slack_api_url: str = "https://slack.com/api/"
+    # Where `start` looks for runbooks unless the environment sets runbook_dir.
     postmerge_runbook_dir: Path = Field(default_factory=lambda: Path.cwd() / "runbooks")
 
     @model_validator(mode="after")
-    def _check_tokens(self) -> SlackSettings:
-        if not self.slack_bot_token.startswith("xoxb-"):
-            raise ValueError("SLACK_BOT_TOKEN must be a bot token starting with xoxb-")
-        if self.slack_app_token is None and not self.slack_signing_secret:
-            raise ValueError("SLACK_SIGNING_SECRET is required unless SLACK_APP_TOKEN selects Socket Mode")
-        if self.slack_app_token is not None and not self.slack_app_token.startswith("xapp-"):
-            raise ValueError("SLACK_APP_TOKEN must be an app-level token starting with xapp-")
+    def _normalize(self) -> SlackSettings:
+        # An empty variable counts as unset, as shells and Kubernetes often leave one behind.
+        self.slack_signing_secret = self.slack_signing_secret or None
+        self.slack_app_token = self.slack_app_token or None
         if not self.slack_api_url.endswith("/"):
             self.slack_api_url += "/"
         return self
 
 
 def load_slack_settings() -> SlackSettings:
+    """Read the Slack settings from the process environment and check them; raise ConfigError naming the first problem."""
+    from urllib.parse import urlsplit
+
     try:
-        return SlackSettings()
+        settings = SlackSettings()
     except ValidationError as error:
         first = error.errors()[0]
-        message = first["msg"].removeprefix("Value error, ")
-        if not first["loc"]:
-            raise ConfigError("slack.settings_error", error=message) from None
-        name = str(first["loc"][0]).upper()
-        if first["type"] == "missing":
-            raise ConfigError("slack.missing_setting", name=name) from None
-        raise ConfigError("slack.invalid_setting", name=name, error=message) from None
+        raise ConfigError("slack.invalid_setting", name=str(first["loc"][0]).upper(), error=first["msg"]) from None
+    if not settings.slack_bot_token:
+        raise ConfigError("slack.missing_setting", name="SLACK_BOT_TOKEN")
+    if not settings.slack_bot_token.startswith("xoxb-"):
+        raise ConfigError("slack.invalid_bot_token")
+    if settings.slack_app_token is not None and not settings.slack_app_token.startswith("xapp-"):
+        raise ConfigError("slack.invalid_app_token")
+    if settings.slack_app_token is None and settings.slack_signing_secret is None:
+        raise ConfigError("slack.missing_signing_secret")
+    url = urlsplit(settings.slack_api_url)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ConfigError("slack.invalid_api_url", url=settings.slack_api_url)
+    return settings
 
 
 class SlackService:
