@@ -10,8 +10,9 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from bot.errors import ConfigError
@@ -128,6 +129,43 @@ class SentrySettings(BaseModel):
     token_variable: str = "SENTRY_AUTH_TOKEN"
 
 
+class TrafficSettings(BaseModel):
+    """Settings of traffic steps: how the share of requests that go to blue (v2) is set."""
+
+    model_config = {"extra": "forbid"}
+
+    provider: Literal["nginx", "kubernetes"]
+    # nginx: the file that contains the weighted upstream, the upstream's name, and
+    # the addresses of green (v1) and blue (v2). Validation and reload use the
+    # environment's nginx section.
+    upstream_file: Path | None = None
+    upstream_name: str = "backend-api"
+    green_server: str | None = None
+    blue_server: str | None = None
+    # kubernetes: the ingress-nginx canary Ingress whose canary-weight annotation
+    # is blue's share. The connection uses the environment's kubernetes section.
+    canary_ingress: str | None = None
+    namespace: str | None = None
+
+
+class MonitorSettings(BaseModel):
+    """Settings of monitor steps: how often Datadog is read, with which queries, and the time scale."""
+
+    model_config = {"extra": "forbid"}
+
+    poll_interval_seconds: float = Field(default=30, gt=0)
+    # Metric queries by threshold name (p95_ms, error_rate_percent, throughput_rps);
+    # a missing one takes the default for the runbook's metric names.
+    queries: dict[str, str] = Field(default_factory=dict)
+    # Thresholds that replace the runbook's for this environment, by the same names.
+    thresholds: dict[str, float] = Field(default_factory=dict)
+    # A window with fewer requests than this is too little traffic to judge.
+    min_requests: int = Field(default=100, ge=1)
+    # Monitor windows and poll intervals are multiplied by this, so a sandbox can
+    # run a 5-minute window in seconds. A protected environment rejects any value but 1.
+    time_scale: float = Field(default=1.0, gt=0, le=1)
+
+
 class Environment(BaseModel):
     """One named target a runbook runs against."""
 
@@ -169,10 +207,18 @@ class Environment(BaseModel):
     cloudflare: CloudflareSettings | None = None
     datadog: DatadogSettings | None = None
     sentry: SentrySettings | None = None
+    traffic: TrafficSettings | None = None
+    monitor: MonitorSettings = Field(default_factory=MonitorSettings)
 
     # Credentials by variable name, such as CLOUDFLARE_API_TOKEN. Unlike `variables`,
     # they are never given to shell steps, and their values are masked in step output.
     secrets: dict[str, SecretStr] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _protected_runs_in_real_time(self) -> Environment:
+        if self.protected and self.monitor.time_scale != 1:
+            raise ValueError("monitor.time_scale must be 1 in a protected environment, which watches in real time")
+        return self
 
     def secret(self, name: str) -> str | None:
         """Return a credential by variable name: secrets, then variables, then the process environment."""

@@ -146,6 +146,16 @@ class BaseExecutor:
         raise NotImplementedError(f"{self.kind} steps have no inverse")
 
 
+_HTTP_FAILURES = {401: "unauthorized", 403: "forbidden", 404: "not_found", 409: "conflict", 429: "rate_limited"}
+
+
+def http_failure_key(prefix: str, status: int) -> str:
+    """Return the catalog key for an HTTP API failure, such as "cdn.forbidden" for 403."""
+    if status in _HTTP_FAILURES:
+        return f"{prefix}.{_HTTP_FAILURES[status]}"
+    return f"{prefix}.server_error" if status >= 500 else f"{prefix}.rejected"
+
+
 async def sleep_until_cancelled() -> None:
     """Wait until cancelled, for gates decided from outside."""
     await asyncio.Event().wait()

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 from bot.errors import StepError
 from bot.i18n import translate
 from bot.plan import Step
-from steps.base import BaseExecutor, StepContext, StepResult
+from steps.base import BaseExecutor, StepContext, StepResult, http_failure_key
 
 if TYPE_CHECKING:
     import aiohttp
@@ -108,21 +108,8 @@ class CloudflareClient:
         raise self.failure(method, url, status, body)
 
     def failure(self, method: str, url: str, status: int, body: Any) -> StepError:
-        common = {"method": method, "url": url, "status": status, "ref": self.ref,
-                  "zone": self.zone_id, "errors": _error_text(body)}
-        if status == 401:
-            return StepError("cdn.unauthorized", variable=self.token_variable, **common)
-        if status == 403:
-            return StepError("cdn.forbidden", variable=self.token_variable, **common)
-        if status == 404:
-            return StepError("cdn.not_found", **common)
-        if status == 409:
-            return StepError("cdn.conflict", **common)
-        if status == 429:
-            return StepError("cdn.rate_limited", **common)
-        if status >= 500:
-            return StepError("cdn.server_error", **common)
-        return StepError("cdn.rejected", **common)
+        return StepError(http_failure_key("cdn", status), method=method, url=url, status=status, ref=self.ref,
+                         zone=self.zone_id, errors=_error_text(body), variable=self.token_variable)
 
 
 class CdnExecutor(BaseExecutor):

@@ -38,7 +38,7 @@ from urllib.parse import quote
 from bot.errors import StepError
 from bot.i18n import translate
 from bot.plan import Step
-from steps.base import BaseExecutor, StepContext, StepResult
+from steps.base import BaseExecutor, StepContext, StepResult, http_failure_key
 
 if TYPE_CHECKING:
     import aiohttp
@@ -104,21 +104,8 @@ class SentryApi:
         raise self.failure(status, body, common)
 
     def failure(self, status: int, body: Any, common: dict[str, Any]) -> StepError:
-        details = _detail(body)
-        common = {**common, "status": status, "detail": details, "organization": self.organization}
-        if status == 401:
-            return StepError("sentry.unauthorized", variable=self.token_variable, **common)
-        if status == 403:
-            return StepError("sentry.forbidden", variable=self.token_variable, **common)
-        if status == 404:
-            return StepError("sentry.not_found", project=self.project, **common)
-        if status == 409:
-            return StepError("sentry.conflict", **common)
-        if status == 429:
-            return StepError("sentry.rate_limited", **common)
-        if status >= 500:
-            return StepError("sentry.server_error", **common)
-        return StepError("sentry.rejected", **common)
+        return StepError(http_failure_key("sentry", status), **common, status=status, detail=_detail(body),
+                         organization=self.organization, variable=self.token_variable, project=self.project)
 
 
 class SentryExecutor(BaseExecutor):
