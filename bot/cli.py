@@ -57,6 +57,7 @@ def build_parser(locale: str) -> argparse.ArgumentParser:
     resume.add_argument("--yes", action="store_true", help=t("cli.help_yes"))
     resume.add_argument("--on-interrupted", choices=("retry", "done", "skipped", "abort"),
                         help=t("cli.help_on_interrupted"))
+    resume.add_argument("--phase", type=int, help=t("cli.help_phase"))
 
     abort = commands.add_parser("abort", help=t("cli.help_abort"))
     abort.add_argument("run_id")

@@ -287,8 +287,12 @@ async def resume_command(args, console: Console, locale: str, settings: Settings
     plan = Plan.model_validate(run.plan)
     engine = _engine(settings, store, environment, locale, console, yes=args.yes,
                      runbook_path=Path(run.runbook_path), language=plan.language, on_interrupted=args.on_interrupted)
-    # A failed run resumes at its failed step, for example after an API outage was fixed.
-    await engine.reopen(run.id)
+    if args.phase is not None:
+        # "修正後、Phase 6を再実行": the whole phase runs again from its first step.
+        await engine.reopen_phase(run.id, args.phase)
+    else:
+        # A failed run resumes at its failed step, for example after an API outage was fixed.
+        await engine.reopen(run.id)
     outcome = await engine.drive(run.id)
     return outcome.exit_code
 
@@ -388,6 +392,7 @@ async def status_command(args, console: Console, locale: str, store) -> int:
         current = next((step for step in steps if step.status in ("running", "waiting", "interrupted")), None)
         # A running or waiting run whose process is gone needs `postmerge resume`.
         orphaned = run.status in ("running", "waiting") and not owner_alive(run.owner)
+        traffic = [event for event in await store.events(run.id) if event["type"] == "traffic.changed"]
         rows.append({
             "id": run.id,
             "kind": run.kind,
@@ -407,6 +412,8 @@ async def status_command(args, console: Console, locale: str, store) -> int:
             "error": run.error,
             "owner": run.owner,
             "orphaned": orphaned,
+            # Blue's (v2's) share of traffic after the run's last traffic change, if it made one.
+            "traffic_weight": (traffic[-1]["data"] or {}).get("weight") if traffic else None,
         })
     if args.json:
         print(json.dumps({"runs": rows}, ensure_ascii=False, indent=2))
@@ -424,6 +431,8 @@ async def status_command(args, console: Console, locale: str, store) -> int:
             phase += f" ({row['current_step']} {t('status.step_' + row['current_step_status'])})"
         if row["failed_step"]:
             phase += " " + t("status.failed_at", step=row["failed_step"])
+        if row["traffic_weight"] is not None:
+            phase += " " + t("status.traffic", weight=row["traffic_weight"])
         kind = "" if row["kind"] == "run" else f" ↩ {row['parent_run_id']}"
         state = t(f"status.{row['status']}")
         if row["orphaned"]:

@@ -124,6 +124,31 @@ class Engine:
                                     finished_at=None, event_type="run.reopened", actor=self.actor)
         return True
 
+    async def reopen_phase(self, run_id: str, phase: int) -> None:
+        """Make every step of a phase pending again, so driving the run repeats the phase from its first step.
+
+        This is "修正後、Phase 6を再実行": after a fix, the traffic shift starts
+        again at its first weight. The run must have failed, been aborted or be
+        paused, and no other run of its runbook and environment may be active.
+        """
+        run = await self.store.get_run(run_id)
+        if run.kind != "run" or run.status not in ("failed", "aborted", "paused"):
+            raise UsageError("engine.rerun_not_allowed", run_id=run.id,
+                             status=translate(f"status.{run.status}", self.locale))
+        plan = Plan.model_validate(run.plan)
+        phase_steps = [step for step in plan.steps() if step.phase == phase]
+        if not phase_steps:
+            raise UsageError("engine.unknown_phase", run_id=run.id, phase=phase,
+                             phases=", ".join(str(item.number) for item in plan.phases))
+        if run.status != "paused":
+            await self.store.take_lock(run.id)
+        for step in phase_steps:
+            await self.store.update_step(run.id, step.id, status="pending", finished_at=None, error=None,
+                                         event_type="step.reopened", actor=self.actor)
+        await self.store.update_run(run.id, status="paused", error=None, failed_step=None, failed_phase=None,
+                                    finished_at=None, current_phase=None, abort_requested_by=None,
+                                    event_type="run.phase_reopened", actor=self.actor, event_data={"phase": phase})
+
     def artifacts_dir(self, run: RunRecord) -> Path:
         # A rollback shares the artifacts of the run it undoes, such as its backup.
         return self.home / "runs" / (run.parent_run_id or run.id)
@@ -339,6 +364,8 @@ class Engine:
         await self._emit(f"step.{status}", run.id, plan, step=step, phase=step.phase,
                          data={"seconds": finished - started, "error": error, "exit_code": exit_code,
                                "tail": output.tail(OUTPUT_TAIL_LINES)})
+        if step.kind in ("traffic", "monitor") and self._abort_actor is None:
+            await self._record_traffic(run, step, succeeded=status == "succeeded")
         if self._abort_actor is not None:
             raise RunAborted(self._abort_actor)
         if status != "succeeded":
@@ -411,6 +438,33 @@ class Engine:
         if not won:
             return GateAnswer(row["decision"], row["decided_by"])
         return answer
+
+    async def _record_traffic(self, run: RunRecord, step: Step, *, succeeded: bool) -> None:
+        """Record blue's share after a traffic or monitor step; after a failed shift, send all traffic to green first.
+
+        A monitor step that fails has already sent traffic to green itself. An
+        abort leaves traffic where it is, so a person can see it in `status`.
+        """
+        if self.environment.traffic is None:
+            return
+        from steps.traffic import current_weight, send_all_to_green
+
+        if step.kind == "traffic" and succeeded:
+            await self.store.append_event(run.id, "traffic.changed", step_id=step.id, data={"weight": step.weight})
+            return
+        if succeeded:
+            return
+        try:
+            if step.kind == "traffic":
+                seconds = await send_all_to_green(self.environment)
+                self._output_line(run.id, step, translate("engine.traffic_reset", self.locale, seconds=f"{seconds:.2f}"))
+                await self.store.append_event(run.id, "traffic.reset", step_id=step.id, data={"seconds": seconds})
+            weight = await current_weight(self.environment)
+        except Exception as error:  # noqa: BLE001 - the step already failed; this failure is reported beside it
+            log.error("run %s: could not send traffic back to green after %s failed: %s", run.id, step.id, error)
+            await self.store.append_event(run.id, "traffic.reset_failed", step_id=step.id, data={"error": str(error)})
+            return
+        await self.store.append_event(run.id, "traffic.changed", step_id=step.id, data={"weight": weight})
 
     def _gate_details(self, step: Step, kind: str) -> list[str]:
         details: list[str] = []

@@ -22,6 +22,9 @@ SETTINGS_SECTIONS = {
     "cdn": "cloudflare",
     "datadog": "datadog",
     "sentry": "sentry",
+    "traffic": "traffic",
+    # Monitor steps read their metrics from Datadog.
+    "monitor": "datadog",
 }
 
 # The metric names Datadog steps use when the runbook names none.
@@ -50,6 +53,9 @@ def configure(step: Step, task: Task | None, runbook: Runbook, environment: Envi
 
     if step.kind == "kubernetes":
         return _kubernetes(step, environment)
+    if step.kind == "monitor":
+        # The environment may replace the runbook's thresholds, for example for a sandbox's small traffic.
+        step.thresholds = {**step.thresholds, **environment.monitor.thresholds}
     if step.kind == "nginx":
         _nginx(step, task, rollback)
     elif step.kind == "cdn":

@@ -43,6 +43,9 @@ async def dispatch(service, client, command: dict) -> None:
             await say_private(await plan_summary(service, arguments[0], arguments[1] if len(arguments) == 2 else "sandbox"))
         elif subcommand == "status" and len(arguments) <= 1:
             await say_private(await status_text(service, arguments[0] if arguments else None, locale))
+        elif subcommand == "rerun" and len(arguments) == 2 and arguments[1].isdigit():
+            run = await service.rerun_phase(arguments[0], int(arguments[1]), user)
+            await say_private(translate("slack.rerun_started", locale, run_id=run.id, phase=arguments[1]))
         elif subcommand == "abort" and len(arguments) == 1:
             run = await service.request_abort(arguments[0], user)
             await say_private(translate("slack.abort_requested", locale, run_id=run.id))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from bot.config import Environment
-from bot.errors import RunConflict
+from bot.errors import RunConflict, UsageError
 from bot.engine import Engine
 from bot.gates import GateAnswer
 from bot.parser import parse_runbook
@@ -441,3 +441,36 @@ def test_cli_ignores_keys_typed_before_prompt(home):
         os.close(leader)
         if process.poll() is None:
             process.kill()
+
+
+async def test_reopen_phase_runs_phase_again_from_start(store_url, tmp_path):
+    text = runbook_text("- [ ] one: `echo one`\n- [ ] first: `echo first >> first.log`\n- [ ] check: `test -f fixed`",
+                        "**Phase 1: a（1分）**\n1. one\n\n**Phase 2: b（1分）**\n1. first\n2. check")
+    store, engine, run_id, _ = await start_run(store_url, text, tmp_path)
+    try:
+        assert (await engine.drive(run_id)).status == "failed"
+        (tmp_path / "fixed").touch()
+
+        await engine.reopen_phase(run_id, 2)
+        assert (await engine.drive(run_id)).status == "completed"
+        # The phase started again at its first step; phase 1 did not run again.
+        assert (tmp_path / "first.log").read_text().splitlines() == ["first", "first"]
+        steps = {record.step_id: record for record in await store.steps(run_id)}
+        assert steps["p1.1"].attempt == 1
+        assert steps["p2.1"].attempt == 2
+        with pytest.raises(UsageError):
+            await engine.reopen_phase(run_id, 2)
+    finally:
+        await store.close()
+
+
+async def test_reopen_unknown_phase_names_phases(store_url, tmp_path):
+    text = runbook_text("- [ ] check: `false`", "**Phase 1: a（1分）**\n1. check")
+    store, engine, run_id, _ = await start_run(store_url, text, tmp_path)
+    try:
+        await engine.drive(run_id)
+        with pytest.raises(UsageError) as raised:
+            await engine.reopen_phase(run_id, 6)
+        assert "phases are 1" in raised.value.render("en")
+    finally:
+        await store.close()

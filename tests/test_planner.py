@@ -87,19 +87,11 @@ def test_plan_steps_follow_contract(plan_json):
             assert step["kind"] in kinds
 
 
-def test_plan_marks_kinds_without_executor_manual(plan_json):
-    for phase in plan_json["phases"]:
-        for step in phase["steps"]:
-            if step["kind"] in ("traffic", "monitor"):
-                assert step["automated"] is False
-                assert step["manual_reason"] == "manual.no_executor"
-
-
 def test_plan_without_system_settings_is_manual(plan_json):
-    # The environment of this plan has no kubernetes, nginx, cloudflare, datadog or sentry section.
+    # The environment of this plan has no kubernetes, nginx, cloudflare, datadog, sentry or traffic section.
     for phase in plan_json["phases"]:
         for step in phase["steps"]:
-            if step["kind"] in ("kubernetes", "nginx", "cdn", "datadog", "sentry"):
+            if step["kind"] in ("kubernetes", "nginx", "cdn", "datadog", "sentry", "traffic", "monitor"):
                 assert step["automated"] is False
                 assert step["manual_reason"] == "manual.no_settings"
 

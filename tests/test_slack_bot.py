@@ -300,3 +300,29 @@ async def test_abort_limited_to_starters_and_approvers(bot):
     await client.command(f"abort {run.id}", user=APPROVER)
     await wait_for(lambda: _status(service, run.id, "aborted"))
     assert not (workdir / "sent.txt").exists()
+
+
+async def test_rerun_phase_from_slack(bot):
+    client, slack, service, workdir = bot
+    runbooks = Path(str(service.environment("local").runbook_dir))
+    (runbooks / "flaky.md").write_text(runbook_text(
+        "- [ ] first: `echo first >> first.log`\n- [ ] check: `test -f fixed`",
+        "**Phase 1: a（1分）**\n1. first\n2. check"))
+    await client.command("start flaky local")
+    await wait_for(lambda: _async(bool(ephemerals(slack))))
+    run = await wait_for(lambda: _first_run(service))
+    await wait_for(lambda: _status(service, run.id, "failed"))
+    (workdir / "fixed").touch()
+
+    await client.command(f"rerun {run.id} 1", user=APPROVER)
+    await wait_for(lambda: _status(service, run.id, "completed"))
+    assert (workdir / "first.log").read_text().splitlines() == ["first", "first"]
+    assert any("starts again" in text for text in ephemerals(slack))
+    roots = [message for message in slack.messages.values() if message.get("thread_ts") in (None, message["ts"])]
+    # The phase ran again in the run's own root message.
+    assert len(roots) == 1
+
+
+async def _first_run(service):
+    runs = await service.store.list_runs()
+    return runs[0] if runs else None

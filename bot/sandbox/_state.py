@@ -28,6 +28,24 @@ KNOWN_SWITCHES: dict[str, str] = {
     "integrity-failure": "db:verify:v2-migration reports a checksum mismatch and fails",
 }
 
+
+@dataclass(frozen=True)
+class NumericSwitch:
+    """A fault switch whose value is a number; 0 turns it off."""
+
+    description: str
+    minimum: float
+    maximum: float
+
+
+# Switch name -> what its value does. The v2 service reads the switch file at most
+# every 0.5 seconds (bot/sandbox/service.py), so a new value takes effect within a second.
+NUMERIC_SWITCHES: dict[str, NumericSwitch] = {
+    "v2-error-percent": NumericSwitch("this percentage of v2 responses are HTTP 500", 0, 100),
+    "v2-latency-ms": NumericSwitch("v2 responses are delayed so that their p95 latency is about this many ms",
+                                   0, 60_000),
+}
+
 # Unquoted PostgreSQL identifiers only, so the name never needs escaping in
 # shell commands or in messages. PostgreSQL truncates names at 63 bytes.
 _DATABASE_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -185,26 +203,88 @@ def write_state(paths: SandboxPaths, state: dict[str, Any]) -> None:
     write_json_atomic(paths.state_file, state)
 
 
-def read_switch_file(root: Path) -> dict[str, bool]:
-    """Return every known switch with its value, off unless the switch file turns it on."""
-    switches = {name: False for name in KNOWN_SWITCHES}
-    try:
-        saved = json.loads((root / "switches.json").read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return switches
-    except (OSError, ValueError) as error:
-        raise PostmergeError("sandbox.switches_invalid", path=str(root / "switches.json"), error=str(error)) from None
+def read_switch_file(root: Path) -> dict[str, bool | float]:
+    """Return every boolean switch with its value, and each numeric switch the file sets to a non-zero value.
 
-    if isinstance(saved, dict):
-        for name, value in saved.items():
-            if name in switches:
-                switches[name] = bool(value)
+    Boolean switches are off unless the switch file turns them on. The file is
+    a JSON object such as {"integrity-failure": true, "v2-error-percent": 2}.
+    A numeric switch that is unset or 0 is left out, so a caller that writes
+    the returned values back keeps the numeric switches that are set.
+    """
+    saved = _read_saved_switches(root / "switches.json")
+    switches: dict[str, bool | float] = {name: False for name in KNOWN_SWITCHES}
+    for name, value in saved.items():
+        if name in switches:
+            switches[name] = bool(value)
+    for name, value in numeric_switch_values(saved).items():
+        if value:
+            switches[name] = value
     return switches
 
 
+def read_numeric_switches(path: Path) -> dict[str, float]:
+    """Return every numeric switch with its value in the switch file at path, 0 when unset.
+
+    Raises PostmergeError when the file exists but is not valid JSON.
+    """
+    return numeric_switch_values(_read_saved_switches(path))
+
+
+def numeric_switch_values(saved: dict[str, Any]) -> dict[str, float]:
+    """Return every numeric switch with its value in the parsed switch file, 0 when unset or invalid.
+
+    A value outside the switch's range is clamped to it. `true` is not a number
+    and reads as 0, like `false`, so `switch v2-error-percent on` does nothing.
+    """
+    values = {name: 0.0 for name in NUMERIC_SWITCHES}
+    for name, switch in NUMERIC_SWITCHES.items():
+        value = saved.get(name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            continue
+        values[name] = float(min(max(value, switch.minimum), switch.maximum))
+    return values
+
+
+def _read_saved_switches(path: Path) -> dict[str, Any]:
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as error:
+        raise PostmergeError("sandbox.switches_invalid", path=str(path), error=str(error)) from None
+    return saved if isinstance(saved, dict) else {}
+
+
 def check_switch_name(name: str) -> None:
-    if name not in KNOWN_SWITCHES:
-        raise UsageError("sandbox.unknown_switch", name=name, known=", ".join(sorted(KNOWN_SWITCHES)))
+    if name not in KNOWN_SWITCHES and name not in NUMERIC_SWITCHES:
+        known = ", ".join(sorted([*KNOWN_SWITCHES, *NUMERIC_SWITCHES]))
+        raise UsageError("sandbox.unknown_switch", name=name, known=known)
+
+
+def parse_switch_value(name: str, text: str) -> bool | float:
+    """Return the value that the command line text sets a switch to.
+
+    A boolean switch takes on or off. A numeric switch takes a number in its
+    range, or off for 0. Raises UsageError for an unknown name or an invalid value.
+    """
+    check_switch_name(name)
+    word = text.strip().lower()
+    if name in KNOWN_SWITCHES:
+        if word not in ("on", "off"):
+            raise UsageError("fault_switch.invalid_boolean", name=name, value=text)
+        return word == "on"
+
+    switch = NUMERIC_SWITCHES[name]
+    if word == "off":
+        return 0.0
+    try:
+        value = float(word)
+    except ValueError:
+        value = float("nan")
+    if not switch.minimum <= value <= switch.maximum:
+        raise UsageError("fault_switch.invalid_number", name=name, value=text,
+                         minimum=f"{switch.minimum:g}", maximum=f"{switch.maximum:g}")
+    return value
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

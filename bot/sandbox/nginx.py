@@ -8,10 +8,22 @@ starts Debian's /usr/sbin/nginx (or the first nginx on PATH) with
                                        all five temp paths under PREFIX;
                                        upstream backend-v1 -> 127.0.0.1:v1_port,
                                        upstream backend-v2 -> 127.0.0.1:v2_port;
+                                       include PREFIX/upstream-api.conf;
                                        include PREFIX/sites-available/api.conf
+    PREFIX/upstream-api.conf           upstream backend-api: v1 and v2 with the
+                                       weights traffic steps set (100% v1 at first)
     PREFIX/sites-available/api.conf    server { listen 127.0.0.1:PORT;
-                                                location / -> backend-v1 }
+                                                location / -> backend-api;
+                                                location /api/v1 -> backend-v1 }
     PREFIX/nginx.pid, PREFIX/logs/, PREFIX/temp/
+
+Requests to any path (such as /api/users) go through the weighted upstream
+backend-api, so traffic steps split them between v1 and v2; /api/v1 stays
+on backend-v1, and the location /api/v2 the runbook adds goes to backend-v2
+alone. upstream-api.conf is
+`TrafficSettings.upstream_file` (see `NginxInstance.traffic_settings`). On a
+start it is rewritten with the current ports and keeps the share of v2 it
+had, unless `reset` is set, which puts all traffic on v1 again.
 
 api.conf is the file the runbook's nginx task edits: map the runbook's
 "/etc/nginx/sites-available/api.conf" to `NginxInstance.site_file` in
@@ -46,11 +58,16 @@ from typing import TYPE_CHECKING
 from bot.errors import PostmergeError
 
 if TYPE_CHECKING:
-    from bot.config import NginxSettings
+    from bot.config import NginxSettings, TrafficSettings
 
 HOST = "127.0.0.1"
 # The path the runbook names for the file its nginx task edits.
 RUNBOOK_SITE_FILE = "/etc/nginx/sites-available/api.conf"
+# The weighted upstream that traffic steps change, and its file under the prefix.
+UPSTREAM_NAME = "backend-api"
+UPSTREAM_FILE = "upstream-api.conf"
+# A site file written before the weighted upstream existed proxies `location /` to v1.
+OLD_DEFAULT_LOCATION = re.compile(r"(location\s+/\s*\{\s*proxy_pass\s+http://)backend-v1(\s*;)")
 NGINX_CANDIDATES = ("/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/local/nginx/sbin/nginx")
 TEMP_PATHS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
 START_TIMEOUT_SECONDS = 10.0
@@ -82,6 +99,10 @@ class NginxInstance:
     @property
     def site_file(self) -> Path:
         return self.prefix / "sites-available" / "api.conf"
+
+    @property
+    def upstream_file(self) -> Path:
+        return self.prefix / UPSTREAM_FILE
 
     @property
     def pid_file(self) -> Path:
@@ -117,11 +138,49 @@ class NginxInstance:
 
         return NginxSettings(files=self.files, test_command=self.test_command, reload_command=self.reload_command)
 
+    def traffic_settings(self) -> TrafficSettings:
+        """Return the environment's traffic section that points traffic steps at this instance's upstream."""
+        return traffic_settings_for(self.prefix)
+
 
 def settings_for(prefix: Path) -> NginxSettings:
     """Return the environment's nginx section for the sandbox nginx under prefix, running or not."""
     binary = find_nginx() or "nginx"
     return NginxInstance(binary=binary, prefix=Path(prefix).absolute(), port=0, pid=0).settings()
+
+
+def traffic_settings_for(prefix: Path, v1_port: int | None = None, v2_port: int | None = None) -> TrafficSettings:
+    """Return the environment's traffic section for the sandbox nginx under prefix.
+
+    Without the ports, they are read from the upstreams backend-v1 and
+    backend-v2 of PREFIX/nginx.conf, as the last start wrote it; when that
+    file does not exist, the servers are left unset.
+    """
+    from bot.config import TrafficSettings
+
+    prefix = Path(prefix).absolute()
+    if v1_port is None or v2_port is None:
+        ports = backend_ports(prefix)
+        v1_port = v1_port if v1_port is not None else ports.get("backend-v1")
+        v2_port = v2_port if v2_port is not None else ports.get("backend-v2")
+    return TrafficSettings(
+        provider="nginx",
+        upstream_file=prefix / UPSTREAM_FILE,
+        upstream_name=UPSTREAM_NAME,
+        green_server=f"{HOST}:{v1_port}" if v1_port else None,
+        blue_server=f"{HOST}:{v2_port}" if v2_port else None,
+    )
+
+
+def backend_ports(prefix: Path) -> dict[str, int]:
+    """Return the ports of the upstreams backend-v1 and backend-v2 in PREFIX/nginx.conf."""
+    text = _read_tail(Path(prefix) / "nginx.conf")
+    ports = {}
+    for name in ("backend-v1", "backend-v2"):
+        match = re.search(rf"upstream\s+{name}\s*\{{\s*server\s+127\.0\.0\.1:(\d+)\s*;", text)
+        if match:
+            ports[name] = int(match.group(1))
+    return ports
 
 
 def find_nginx() -> str | None:
@@ -162,8 +221,11 @@ async def start_nginx(prefix: Path, v1_port: int, v2_port: int, *, port: int | N
         directory.mkdir(parents=True, exist_ok=True)
     instance = NginxInstance(binary=binary, prefix=prefix, port=0, pid=0)
 
+    _write_upstream(prefix, v1_port, v2_port, reset)
     (prefix / "nginx.conf").write_text(render_main_config(prefix, v1_port, v2_port), encoding="utf-8")
     existing_port = _site_port(instance.site_file) if instance.site_file.exists() and not reset else None
+    if existing_port is not None:
+        _route_default_through_upstream(instance.site_file)
     if existing_port is not None and port not in (None, existing_port):
         existing_port = None
     pid = running_pid(prefix)
@@ -247,9 +309,51 @@ http {{
         server {HOST}:{v2_port};
     }}
 
+    include {quoted(prefix / UPSTREAM_FILE)};
     include {quoted(prefix / 'sites-available' / 'api.conf')};
 }}
 """
+
+
+def render_upstream_config(v1_port: int, v2_port: int, weight: int = 0) -> str:
+    """Return upstream-api.conf: backend-api with v2 getting `weight` percent of requests."""
+    from steps.traffic import render_upstream
+
+    block = render_upstream(UPSTREAM_NAME, f"{HOST}:{v1_port}", f"{HOST}:{v2_port}", weight)
+    return f"# Written by postmerge's sandbox; traffic steps set the weights of v1 (green) and v2 (blue).\n{block}"
+
+
+def _write_upstream(prefix: Path, v1_port: int, v2_port: int, reset: bool) -> None:
+    """Write upstream-api.conf with the current ports, keeping v2's share unless reset."""
+    path = prefix / UPSTREAM_FILE
+    weight = 0
+    if path.exists() and not reset:
+        weight = _upstream_weight(path) or 0
+    path.write_text(render_upstream_config(v1_port, v2_port, weight), encoding="utf-8")
+
+
+def _upstream_weight(path: Path) -> int | None:
+    from steps.nginx import ConfigSyntaxError, parse_config
+    from steps.traffic import upstream_weight
+
+    try:
+        directives = parse_config(_read_tail(path))
+    except ConfigSyntaxError:
+        return None
+    for directive in directives:
+        if directive.name == "upstream" and directive.args == [UPSTREAM_NAME] and directive.children is not None:
+            servers = [child.args[0] for child in directive.children if child.name == "server" and child.args]
+            if len(servers) == 2:
+                return upstream_weight(directive, servers[0], servers[1])
+    return None
+
+
+def _route_default_through_upstream(site_file: Path) -> None:
+    """Point `location /` of a site file from an earlier sandbox at backend-api instead of backend-v1."""
+    text = site_file.read_text(encoding="utf-8", errors="surrogateescape")
+    updated = OLD_DEFAULT_LOCATION.sub(rf"\1{UPSTREAM_NAME}\2", text, count=1)
+    if updated != text:
+        site_file.write_text(updated, encoding="utf-8", errors="surrogateescape")
 
 
 def render_site_config(port: int) -> str:
@@ -259,6 +363,10 @@ server {{
     server_name api.example.com;
 
     location / {{
+        proxy_pass http://{UPSTREAM_NAME};
+    }}
+
+    location /api/v1 {{
         proxy_pass http://backend-v1;
     }}
 }}

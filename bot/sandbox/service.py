@@ -8,6 +8,20 @@ service accepts connections.
 The v2 service serves the runbook's /v2 endpoints. For any other path,
 both versions return their version and the X-Served-By header, so a
 request sent through nginx shows which backend served it.
+
+The v2 service also obeys two numeric fault switches of the sandbox's
+switch file (`--switches PATH`, by default switches.json beside the
+`--port-file`), which monitor steps are tested against:
+
+    v2-error-percent  that percentage of responses are HTTP 500; the failures
+                      are spread evenly (every 50th response at 2), not random
+    v2-latency-ms     each response waits a random time between 0.5 and 1.026
+                      times the value, so the p95 latency is about the value
+
+The service reads the file at most every 0.5 seconds, on the first request
+after that time, so a change takes effect within a second under load. The
+health endpoint /v2/health is never affected, so health checks and probes
+still pass while traffic shows the fault. The v1 service ignores the switches.
 """
 
 from __future__ import annotations
@@ -17,12 +31,18 @@ import asyncio
 import itertools
 import logging
 import os
+import random
 import signal
 import sys
+import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
 from aiohttp import web
+
+from bot.errors import PostmergeError
+from bot.sandbox._state import read_numeric_switches
 
 logger = logging.getLogger("bot.sandbox.service")
 
@@ -30,14 +50,82 @@ HOST = "127.0.0.1"
 VERSION = "2.0.0"
 VERSIONS = {"v1": "1.9.0", "v2": VERSION}
 
+# How long the service uses the switch values it read before it reads the file again.
+SWITCH_RELOAD_SECONDS = 0.5
+# The delay of v2-latency-ms is uniform between these multiples of the value. The
+# 95th percentile of that is 0.5 + 0.95 * (1.0263 - 0.5) = 1.0 times the value.
+LATENCY_SPREAD = (0.5, 1.0263)
+UNAFFECTED_PATHS = frozenset({"/v2/health"})
+
+
+class FaultSwitches:
+    """The v2 fault switch values, read from the switch file at most every SWITCH_RELOAD_SECONDS."""
+
+    def __init__(self, path: Path | None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.path = path
+        self.clock = clock
+        self.error_percent = 0.0
+        self.latency_ms = 0.0
+        self._read_at: float | None = None
+        self._last_problem: str | None = None
+        # Failures owed so far: each response adds error_percent / 100, and a response
+        # fails whenever the sum reaches 1, so the failures are evenly spread.
+        self._error_credit = 0.0
+
+    def refresh(self) -> None:
+        """Read the switch file again if the values are older than SWITCH_RELOAD_SECONDS."""
+        now = self.clock()
+        if self.path is None or (self._read_at is not None and now - self._read_at < SWITCH_RELOAD_SECONDS):
+            return
+        self._read_at = now
+        try:
+            values = read_numeric_switches(self.path)
+        except PostmergeError as error:
+            problem = str(error)
+            if problem != self._last_problem:
+                # Logged once per distinct problem; the previous values stay in effect.
+                logger.warning("cannot read the switch file %s, keeping the previous values: %s", self.path, problem)
+                self._last_problem = problem
+            return
+        self._last_problem = None
+        error_percent, latency_ms = values["v2-error-percent"], values["v2-latency-ms"]
+        if (error_percent, latency_ms) != (self.error_percent, self.latency_ms):
+            logger.info("fault switches changed: v2-error-percent=%g v2-latency-ms=%g", error_percent, latency_ms)
+            if error_percent != self.error_percent:
+                self._error_credit = 0.0
+        self.error_percent, self.latency_ms = error_percent, latency_ms
+
+    def next_fails(self) -> bool:
+        """Return whether the next response is an injected HTTP 500."""
+        if self.error_percent <= 0:
+            return False
+        self._error_credit += self.error_percent / 100
+        if self._error_credit >= 1 - 1e-9:
+            self._error_credit -= 1
+            return True
+        return False
+
+    def next_delay_seconds(self) -> float:
+        if self.latency_ms <= 0:
+            return 0.0
+        return random.uniform(*LATENCY_SPREAD) * self.latency_ms / 1000
+
+
 USER_IDS = web.AppKey("user_ids", itertools.count)
 API_VERSION = web.AppKey("api_version", str)
+FAULTS = web.AppKey("faults", FaultSwitches)
 
 
-def create_app(api_version: str = "v2") -> web.Application:
-    app = web.Application(middlewares=[served_by])
+def create_app(api_version: str = "v2", switches_file: Path | None = None) -> web.Application:
+    """Return the app of one API version; v2 obeys the fault switches of switches_file."""
+    middlewares = [served_by]
+    if api_version == "v2":
+        middlewares.append(injected_faults)
+    app = web.Application(middlewares=middlewares)
     app[USER_IDS] = itertools.count(1)
     app[API_VERSION] = api_version
+    if api_version == "v2":
+        app[FAULTS] = FaultSwitches(switches_file)
     if api_version == "v2":
         app.router.add_get("/v2/health", handle_health)
         app.router.add_get("/v2/version", handle_version)
@@ -53,6 +141,22 @@ async def served_by(request: web.Request, handler) -> web.StreamResponse:
     response = await handler(request)
     response.headers["X-Served-By"] = request.app[API_VERSION]
     return response
+
+
+@web.middleware
+async def injected_faults(request: web.Request, handler) -> web.StreamResponse:
+    """Delay or fail a v2 response as the fault switches say; v1 never gets this middleware."""
+    if request.path in UNAFFECTED_PATHS:
+        return await handler(request)
+    faults = request.app[FAULTS]
+    faults.refresh()
+    delay = faults.next_delay_seconds()
+    if delay:
+        await asyncio.sleep(delay)
+    if faults.next_fails():
+        return _error_response(500, "internal_error",
+                               "Internal server error (injected by the sandbox switch v2-error-percent).")
+    return await handler(request)
 
 
 async def handle_any(request: web.Request) -> web.Response:
@@ -92,9 +196,15 @@ def _error_response(status: int, code: str, detail: str) -> web.Response:
     return web.json_response(body, status=status)
 
 
-async def serve(port: int, port_file: Path | None, api_version: str = "v2") -> None:
+async def serve(port: int, port_file: Path | None, api_version: str = "v2",
+                switches_file: Path | None = None) -> None:
     """Serve until SIGTERM or SIGINT, writing the bound port to port_file once listening."""
-    runner = web.AppRunner(create_app(api_version))
+    if switches_file is None and port_file is not None:
+        # The sandbox keeps the port file and switches.json in its root folder.
+        switches_file = port_file.parent / "switches.json"
+    if api_version == "v2" and switches_file is not None:
+        logger.info("v2 service reads fault switches from %s", switches_file)
+    runner = web.AppRunner(create_app(api_version, switches_file))
     await runner.setup()
     site = web.TCPSite(runner, HOST, port)
     try:
@@ -126,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, required=True, help="TCP port on 127.0.0.1; 0 picks a free port")
     parser.add_argument("--port-file", type=Path, help="file that receives the bound port once listening")
     parser.add_argument("--api-version", choices=sorted(VERSIONS), default="v2", help="which API to serve")
+    parser.add_argument("--switches", type=Path,
+                        help="JSON switch file of the v2 fault switches (default: switches.json beside --port-file)")
     args = parser.parse_args(argv)
 
     logging.basicConfig(
@@ -134,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        asyncio.run(serve(args.port, args.port_file, args.api_version))
+        asyncio.run(serve(args.port, args.port_file, args.api_version, args.switches))
     except OSError as error:
         logger.error("%s service failed to listen on %s:%d: %s", args.api_version, HOST, args.port, error)
         return 1

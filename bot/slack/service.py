@@ -209,8 +209,11 @@ class SlackService:
                 self.tasks.pop(run_id)
             await notifier.close()
 
-    async def _drive_again(self, run, actor: str | None) -> bool:
-        """Drive a stored run in this process, reusing its root message and thread."""
+    async def _drive_again(self, run, actor: str | None, phase: int | None = None) -> bool:
+        """Drive a stored run in this process, reusing its root message and thread.
+
+        With a phase, that phase first becomes pending again, so it runs from its first step.
+        """
         from bot.plan import Plan
 
         environment = self.environment(run.environment)
@@ -222,6 +225,8 @@ class SlackService:
         root_ts = (run.id, slack_options["ts"]) if slack_options.get("ts") else None
         engine, notifier = self._engine(environment, channel, Path(run.runbook_path),
                                         Plan.model_validate(run.plan).language, actor, root_ts)
+        if phase is not None:
+            await engine.reopen_phase(run.id, phase)
         # Without an actor the bot itself picks the run up, so a note in the thread explains why it moves again.
         note = translate("slack.reattached", self.locale(environment)) if actor is None else None
         self.tasks[run.id] = asyncio.create_task(self._drive(engine, run.id, notifier, note))
@@ -299,6 +304,20 @@ class SlackService:
         if won and (await self.store.get_run(run.id)).status == "paused":
             await self.resume_run(run.id, user_id)
         return won, decided
+
+    async def rerun_phase(self, run_id: str, phase: int, user_id: str):
+        """Run a phase of a failed, aborted or paused run again from its first step, in its old message."""
+        run = await self.store.get_run(run_id)
+        await self.check_operator(user_id, self.environment(run.environment))
+        previous = self.tasks.get(run.id)
+        if previous is not None and run.status not in ("running", "waiting"):
+            # The task that ended the run may still be posting its last messages.
+            await asyncio.wait({previous}, timeout=30)
+        async with self._runs_lock:
+            if run.id in self.tasks and not self.tasks[run.id].done():
+                raise UsageError("slack.run_busy", run_id=run.id)
+            await self._drive_again(await self.store.get_run(run.id), user_id, phase)
+        return run
 
     async def request_abort(self, run_id: str, user_id: str):
         """Ask a run to stop, for someone allowed to operate its environment."""
