@@ -79,7 +79,7 @@ def build_parser(locale: str) -> argparse.ArgumentParser:
     down.add_argument("--purge", action="store_true", help=t("cli.help_sandbox_purge"))
     switch = sandbox_commands.add_parser("switch", help=t("cli.help_sandbox_switch"))
     switch.add_argument("name")
-    switch.add_argument("state", choices=("on", "off"))
+    switch.add_argument("value", help=t("cli.help_switch_value"))
     sandbox_commands.add_parser("status", help=t("cli.help_sandbox_status"))
     return parser
 

@@ -498,8 +498,14 @@ async def sandbox_command(args, console: Console, locale: str, settings: Setting
             console.print(Text(translate("sandbox.down_done", locale)))
         return EXIT_OK
     if action == "switch":
-        sandbox.set_switch(home, args.name, args.state == "on")
-        console.print(Text(translate(f"sandbox.switch_{args.state}", locale, name=args.name)))
+        from bot.sandbox._state import parse_switch_value
+
+        value = parse_switch_value(args.name, args.value)
+        sandbox.set_switch(home, args.name, value)
+        if isinstance(value, bool):
+            console.print(Text(translate(f"sandbox.switch_{'on' if value else 'off'}", locale, name=args.name)))
+        else:
+            console.print(Text(translate("sandbox.switch_value", locale, name=args.name, value=f"{value:g}")))
         return EXIT_OK
     print(json.dumps(sandbox.sandbox_status(home), ensure_ascii=False, indent=2, default=str))
     return EXIT_OK

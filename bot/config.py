@@ -154,13 +154,19 @@ class MonitorSettings(BaseModel):
     model_config = {"extra": "forbid"}
 
     poll_interval_seconds: float = Field(default=30, gt=0)
-    # Metric queries by threshold name (p95_ms, error_rate_percent, throughput_rps);
-    # a missing one takes the default for the runbook's metric names.
+    # Datadog queries by name: requests, errors (counts) and p95_ms. Error rate and
+    # throughput are computed from the two counts. A missing one takes the default
+    # for the runbook's metric names.
     queries: dict[str, str] = Field(default_factory=dict)
     # Thresholds that replace the runbook's for this environment, by the same names.
     thresholds: dict[str, float] = Field(default_factory=dict)
     # A window with fewer requests than this is too little traffic to judge.
     min_requests: int = Field(default=100, ge=1)
+    # "share": the throughput threshold is scaled by blue's share of traffic (1000 req/s
+    # at 10% expects 100 req/s from v2); "v2": it applies to v2's throughput as written.
+    throughput_scope: Literal["share", "v2"] = "share"
+    # Seconds to wait after the window for metric points that arrive late.
+    evaluation_delay_seconds: float = Field(default=0, ge=0)
     # Monitor windows and poll intervals are multiplied by this, so a sandbox can
     # run a 5-minute window in seconds. A protected environment rejects any value but 1.
     time_scale: float = Field(default=1.0, gt=0, le=1)

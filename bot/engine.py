@@ -420,7 +420,7 @@ class Engine:
         request = GateRequest(
             run_id=run.id, kind=kind, step=step, attempt=attempt, approval_id=approval_id,
             started_by=run.started_by, locale=self.locale, choices=choices,
-            details=self._gate_details(step, kind),
+            details=self._gate_details(step, kind) + await self._readings_details(run, step),
         )
         self._interruptible = True
         try:
@@ -465,6 +465,26 @@ class Engine:
             await self.store.append_event(run.id, "traffic.reset_failed", step_id=step.id, data={"error": str(error)})
             return
         await self.store.append_event(run.id, "traffic.changed", step_id=step.id, data={"weight": weight})
+
+    async def _readings_details(self, run: RunRecord, step: Step) -> list[str]:
+        """Describe the monitor window that just ended, for the approval of the next traffic shift."""
+        if step.kind != "traffic":
+            return []
+        monitors = [record for record in await self.store.steps(run.id)
+                    if record.kind == "monitor" and record.status == "succeeded" and record.finished_at]
+        if not monitors:
+            return []
+        window = (max(monitors, key=lambda record: record.finished_at).data or {}).get("window") or {}
+        if not window:
+            return []
+
+        def number(value, digits: int) -> str:
+            return "-" if value is None else f"{value:.{digits}f}"
+
+        return [translate("gate.readings", self.locale, p95=number(window.get("p95_ms"), 0),
+                          error_rate=number(window.get("error_rate_percent"), 2),
+                          throughput=number(window.get("throughput_rps"), 1),
+                          requests=window.get("requests", "-"), seconds=number(window.get("seconds"), 0))]
 
     def _gate_details(self, step: Step, kind: str) -> list[str]:
         details: list[str] = []

@@ -29,6 +29,8 @@ _EXECUTORS = {
     "cdn": "steps.cdn:CdnExecutor",
     "datadog": "steps.datadog:DatadogExecutor",
     "sentry": "steps.sentry:SentryExecutor",
+    "traffic": "steps.traffic:TrafficExecutor",
+    "monitor": "steps.monitor:MonitorExecutor",
 }
 GATE_KINDS = ("manual", "approval")
 

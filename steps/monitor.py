@@ -32,13 +32,13 @@ the Verification section, `abort_error_rate_percent` 5 from the alert line
   the requests, so with `throughput_scope` "share" (the default) the limit
   is `throughput_rps` × weight / 100, the throughput v2 has when the total
   meets the runbook's figure. With "v2" the limit applies to v2 as it is.
-  When blue's share is unknown, throughput is not judged and the output says so.
+  When blue's share is unknown, throughput is not judged, and an output line states it.
 
-On any failure (a breach, the alert, too little traffic, a Datadog error or an
-invalid parameter) the step first puts all traffic on green (v1) with
+Any failure (a breach, the alert, too little traffic, a Datadog error or an
+invalid parameter) first puts all traffic on green (v1) with
 `steps.traffic.send_all_to_green` when the environment has a [traffic]
-section, measures how long that took, and only then raises StepError with the
-readings. Cancellation (an abort or a timeout) stops polling at once and
+section. The step measures how long that took, and only then raises
+StepError with the readings. Cancellation (an abort or a timeout) stops polling at once and
 leaves traffic where it is.
 
 Step params, all optional (the planner may leave them empty):
@@ -52,9 +52,16 @@ Step params, all optional (the planner may leave them empty):
     scope              str        Datadog tag scope of the default queries, such as "version:v2"; default "*".
     duration_unit      str        "ms" (default) or "s": the unit of the latency metric.
     weight_percent     float      Blue's share of the requests during the window, 0 to 100. Default
-                                  `step.weight`, then `steps.traffic.current_weight(environment)`.
+                                  params["weight"] or `step.weight` (as traffic steps read it), then
+                                  `steps.traffic.current_weight(environment)`.
     throughput_scope   str        "share" (default) or "v2", as described above; also read from an
                                   environment's `monitor.throughput_scope` when that setting exists.
+    evaluation_delay_seconds
+                       float      Seconds to wait after the window before its totals are read once more,
+                                  for points that reach Datadog late. time_scale does not shorten it.
+                                  Default 0, or the environment's `monitor.evaluation_delay_seconds` when
+                                  that setting exists. The sandbox's load generator posts each second
+                                  about a second late.
 
 `environment.monitor.queries` replaces the default queries by name:
 
@@ -68,7 +75,8 @@ total is subtracted, so points that reach Datadog late still count once.
 StepResult.data, which the engine shows in the next traffic approval:
 
     window_seconds, time_scale, scaled_window_seconds, poll_interval_seconds, polls, judged_polls,
-    weight_percent, throughput_scope, throughput_limit_rps, min_requests, thresholds, queries,
+    weight_percent, throughput_scope, throughput_limit_rps, min_requests, evaluation_delay_seconds,
+    thresholds, queries,
     window   readings of the whole window: requests, errors, error_rate_percent, throughput_rps,
              seconds and one pNN_ms per percentile threshold
     last     readings of the last judged poll, or None
@@ -92,7 +100,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from bot.config import Environment
-from bot.errors import StepError
+from bot.errors import PostmergeError, StepError
 from bot.i18n import translate
 from bot.plan import Step
 from steps.base import BaseExecutor, StepContext, StepResult
@@ -110,7 +118,7 @@ CurrentWeight = Callable[[Environment], Awaitable[float | None] | float | None]
 
 
 class MonitorExecutor(BaseExecutor):
-    """Watches v2's metrics in Datadog over a window; see the module docstring for the rules.
+    """The executor of monitor steps, which watch v2's metrics in Datadog (rules in the module docstring).
 
     `send_all_to_green` and `current_weight` default to the functions of
     steps.traffic, imported when first needed. Tests and the engine may pass
@@ -133,11 +141,11 @@ class MonitorExecutor(BaseExecutor):
         except StepError as error:
             if error.key.startswith("datadog."):
                 error = _error("monitor.datadog_failed", step=context.step.title,
-                                  error=error.render(context.locale), datadog_error=error.key)
+                               error=error.render(context.locale), datadog_error=error.key)
             await self._put_traffic_on_green(context, error)
             raise error from None
         except Exception:
-            # A bug must not leave blue with traffic that nobody watches.
+            # A bug must not leave blue with traffic that is no longer watched.
             log.exception("monitor step %s failed unexpectedly", context.step.id)
             await self._put_traffic_on_green(context, None)
             raise
@@ -153,19 +161,22 @@ class MonitorExecutor(BaseExecutor):
         else:
             started = time.monotonic()
             try:
-                send = self._send_all_to_green
-                if send is None:
-                    from steps.traffic import send_all_to_green as send
-                outcome = send(context.environment)
-                if inspect.isawaitable(outcome):
-                    await outcome
+                if self._send_all_to_green is None:
+                    from steps.traffic import send_all_to_green
+
+                    await send_all_to_green(context.environment, output=context.output, locale=locale)
+                else:
+                    outcome = self._send_all_to_green(context.environment)
+                    if inspect.isawaitable(outcome):
+                        await outcome
                 seconds = round(time.monotonic() - started, 3)
                 text = translate("monitor.traffic_reset", locale, seconds=f"{seconds:.2f}")
             except asyncio.CancelledError:
                 raise
             except Exception as failure:  # noqa: BLE001 - reported with the step's own failure
                 log.error("monitor step %s: putting traffic on green failed: %s", context.step.id, failure)
-                text = translate("monitor.traffic_reset_failed", locale, error=_describe(failure))
+                described = failure.render(locale) if isinstance(failure, PostmergeError) else _describe(failure)
+                text = translate("monitor.traffic_reset_failed", locale, error=described)
         context.output.write(text)
         if error is not None:
             error.params["traffic"] = text
@@ -174,7 +185,7 @@ class MonitorExecutor(BaseExecutor):
     async def _blue_weight(self, context: StepContext) -> float | None:
         """Return blue's share in percent: the step's param or weight, else the traffic module's reading."""
         step = context.step
-        weight = step.params.get("weight_percent", step.weight)
+        weight = step.params.get("weight_percent", step.params.get("weight", step.weight))
         if weight is not None:
             if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight <= 100:
                 raise _error("monitor.invalid_weight", step=step.title, value=str(weight))
@@ -210,7 +221,7 @@ class MonitorExecutor(BaseExecutor):
         interval = min(settings.poll_interval_seconds * scale, window)
         if window >= context.timeout_seconds:
             raise _error("monitor.window_exceeds_timeout", step=step.title, seconds=_number(window),
-                            timeout=_number(context.timeout_seconds))
+                         timeout=_number(context.timeout_seconds))
 
         weight = await self._blue_weight(context)
         throughput_limit = _throughput_limit(plan, weight)
@@ -236,6 +247,7 @@ class MonitorExecutor(BaseExecutor):
             "throughput_scope": plan["throughput_scope"],
             "throughput_limit_rps": throughput_limit,
             "min_requests": plan["min_requests"],
+            "evaluation_delay_seconds": plan["evaluation_delay_seconds"],
             "thresholds": plan["thresholds"],
             "queries": plan["queries"],
             "window": watch.window_readings,
@@ -303,7 +315,17 @@ class _Watch:
             if last_poll:
                 break
 
-        window_readings.update(await self._percentiles(first_second, math.ceil(time.time())))
+        delay = self.plan["evaluation_delay_seconds"]
+        if delay:
+            # Points of the window's last seconds may reach Datadog late, so count the window once more after
+            # waiting for them, like the evaluation_delay of a Datadog monitor.
+            self.context.output.write(translate("monitor.output_evaluation_delay", self.context.locale,
+                                                seconds=_number(delay)))
+            await asyncio.sleep(delay)
+            totals = await self._totals(first_second, math.ceil(now))
+            window_readings = _readings(totals["requests"] - baseline["requests"],
+                                        totals["errors"] - baseline["errors"], elapsed, {})
+        window_readings.update(await self._percentiles(first_second, math.ceil(now)))
         self.window_readings = window_readings
         self._judge_window(window_readings)
 
@@ -367,7 +389,7 @@ class _Watch:
         throughput = readings["throughput_rps"]
         if with_throughput and self.throughput_limit is not None and throughput is not None \
                 and throughput < self.throughput_limit:
-            breaches.append(translate("monitor.breach_throughput", locale, value=_number(throughput),
+            breaches.append(translate("monitor.breach_throughput", locale, value=_number(throughput, 1),
                                       limit=_number(self.throughput_limit)))
         return breaches
 
@@ -379,7 +401,7 @@ class _Watch:
             step=self.context.step.title,
             elapsed=_number(window_readings["seconds"]),
             window=_number(self.window),
-            breaches=", ".join(breaches),
+            breaches=translate("monitor.separator", locale).join(breaches),
             readings_text=_readings_text(readings, self.plan, locale),
             readings=readings,
             window_readings=window_readings,
@@ -457,10 +479,13 @@ def _read_plan(step: Step, environment: Environment) -> dict[str, Any]:
     unit = params.get("duration_unit", "ms")
     if unit not in ("ms", "s"):
         raise _error("monitor.invalid_param", step=step.title, name="duration_unit", value=str(unit))
+    delay = params.get("evaluation_delay_seconds", getattr(settings, "evaluation_delay_seconds", 0))
+    if isinstance(delay, bool) or not isinstance(delay, (int, float)) or not 0 <= delay <= 600:
+        raise _error("monitor.invalid_param", step=step.title, name="evaluation_delay_seconds", value=str(delay))
     scope_setting = params.get("throughput_scope") or getattr(settings, "throughput_scope", None) or "share"
     if scope_setting not in THROUGHPUT_SCOPES:
         raise _error("monitor.invalid_param", step=step.title, name="throughput_scope",
-                        value=str(scope_setting))
+                     value=str(scope_setting))
     return {
         "thresholds": thresholds,
         "percentiles": percentiles,
@@ -468,6 +493,7 @@ def _read_plan(step: Step, environment: Environment) -> dict[str, Any]:
         "duration_scale": 1000.0 if unit == "s" else 1.0,
         "throughput_scope": scope_setting,
         "min_requests": settings.min_requests,
+        "evaluation_delay_seconds": float(delay),
     }
 
 
@@ -514,9 +540,9 @@ def _readings_text(readings: dict[str, Any], plan: dict[str, Any], locale: str) 
                        value=_number(readings.get(name))) for name in plan["percentiles"]]
     parts.append(translate("monitor.reading_error_rate", locale, value=_number(readings.get("error_rate_percent")),
                            errors=_count(readings.get("errors"))))
-    parts.append(translate("monitor.reading_throughput", locale, value=_number(readings.get("throughput_rps"))))
+    parts.append(translate("monitor.reading_throughput", locale, value=_number(readings.get("throughput_rps"), 1)))
     parts.append(translate("monitor.reading_requests", locale, value=_count(readings.get("requests"))))
-    return ", ".join(parts)
+    return translate("monitor.separator", locale).join(parts)
 
 
 def _limits_text(plan: dict[str, Any], throughput_limit: float | None, locale: str) -> str:
@@ -529,7 +555,7 @@ def _limits_text(plan: dict[str, Any], throughput_limit: float | None, locale: s
         parts.append(translate("monitor.limit_alert", locale, value=_number(thresholds["abort_error_rate_percent"])))
     if throughput_limit is not None:
         parts.append(translate("monitor.limit_throughput", locale, value=_number(throughput_limit)))
-    return ", ".join(parts)
+    return translate("monitor.separator", locale).join(parts)
 
 
 def _throughput_note(plan: dict[str, Any], weight: float | None, limit: float | None, locale: str) -> str:
@@ -555,10 +581,10 @@ def _window_text(planned_seconds: float, scale: float, locale: str) -> str:
                      seconds=_number(planned_seconds * scale))
 
 
-def _number(value: float | None) -> str:
+def _number(value: float | None, digits: int = 3) -> str:
     if value is None:
         return "-"
-    return f"{round(float(value), 3):g}"
+    return f"{round(float(value), digits):g}"
 
 
 def _count(value: float | None) -> str:

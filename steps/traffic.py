@@ -21,9 +21,9 @@ and one for `blue_server`:
     100%  server GREEN down;        server BLUE weight=100;
 
 nginx weights are 1 or more, so 0% and 100% mark the other server `down`.
-Only the upstream block is rewritten (its other directives, such as
-`keepalive`, stay; comments inside it do not); the rest of the file keeps its
-bytes. The file is replaced atomically, then tested with
+Only the upstream block is rewritten. Its other directives, such as
+`keepalive`, stay, but comments inside it are dropped. The rest of the file
+keeps its bytes. The file is replaced atomically, then tested with
 `environment.nginx.test_command` and nginx reloaded with
 `environment.nginx.reload_command` (without them: `nginx -t` and
 `nginx -s reload`), each run as an argument list, never through a shell. The
@@ -125,7 +125,7 @@ async def send_all_to_green(environment: Environment, *, output: OutputBuffer | 
 async def current_weight(environment: Environment, *, timeout_seconds: float = 10.0) -> int | None:
     """Return blue's (v2's) share in percent as the upstream file or the canary annotation sets it.
 
-    None when it cannot be told (the upstream has neither server up).
+    None when the share cannot be determined (the upstream has neither server up).
     Raises StepError when the settings, file or Ingress are missing.
     """
     context = _standalone_context(environment, None, timeout_seconds, None, weight=None)
@@ -330,7 +330,7 @@ async def _set_nginx_weight(context: StepContext, settings: TrafficSettings, wei
     argv, _ = reload_argv(context)
     code, lines = await run_command(context, argv)
     if code != 0:
-        raise StepError("traffic.reload_failed", exit_code=code, command=shlex.join(argv), path=str(target.path),
+        raise StepError("traffic.reload_failed", exit_code=code, code=code, command=shlex.join(argv), path=str(target.path),
                         weight=weight, errors=" / ".join(lines[-5:]) or "(no output)")
     return data
 

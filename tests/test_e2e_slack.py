@@ -69,6 +69,13 @@ async def test_real_runbook_from_slack(tmp_path, monkeypatch):
         roots = [message for message in slack.messages.values() if message.get("thread_ts") in (None, message["ts"])]
         assert len(roots) == 1
         assert "完了" in str(roots[0]["blocks"])
+        # The approval of each later traffic shift shows the readings of the monitor window that just ended.
+        # The posted version is checked, because a decided gate message is edited afterwards.
+        shifts = [call.args for call in slack.calls_to("chat.postMessage")
+                  if "承認が必要です: p6." in (call.args.get("text") or "")]
+        assert len(shifts) == 3
+        assert "直前の監視ウィンドウ" not in str(shifts[0]["blocks"])
+        assert all("直前の監視ウィンドウ: p95" in str(args["blocks"]) for args in shifts[1:])
         connection = await asyncpg.connect(f"{PG_ADMIN_URL.rsplit('/', 1)[0]}/{database}")
         try:
             counts = dict(await connection.fetch("SELECT version, count(*) FROM api_endpoints GROUP BY version"))

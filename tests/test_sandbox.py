@@ -212,7 +212,7 @@ async def test_up_runs_emulators_and_nginx(home: Path):
     await up(home)
     status = sandbox_status(home)
     assert {name: service["running"] for name, service in status["services"].items()} == {
-        "v1": True, "kubernetes": True, "saas": True}
+        "v1": True, "kubernetes": True, "saas": True, "loadgen": True}
     assert status["nginx"]["running"] is True
     environment = sandbox_environment(home)
     assert environment.kubernetes.green_deployment == "api"
@@ -224,6 +224,11 @@ async def test_up_runs_emulators_and_nginx(home: Path):
         async with session.get(f"{status['nginx']['url']}/api/v2/users") as response:
             # Until the runbook adds the /api/v2 location, nginx sends everything to v1.
             assert response.headers["X-Served-By"] == "v1"
+        # The load generator's traffic goes through nginx, all of it to green until a traffic step.
+        loadgen = status["services"]["loadgen"]["url"]
+        async with session.get(f"{loadgen}/stats") as response:
+            stats = await response.json()
+        assert stats["failed"] == 0
 
     await down(home)
     status = sandbox_status(home)

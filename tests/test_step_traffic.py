@@ -137,7 +137,7 @@ def assert_clean(stats: dict) -> None:
 
 
 @needs_nginx
-async def test_weights_split_requests_and_reloads_drop_none(tmp_path, nginx, environment):
+async def test_nginx_weights_split_load(tmp_path, nginx, environment):
     assert await current_weight(environment) == 0
     async with SaasEmulator() as saas:
         async with LoadGenerator(f"{nginx.url}/api/users", rate=RATE, concurrency=32,
@@ -146,6 +146,7 @@ async def test_weights_split_requests_and_reloads_drop_none(tmp_path, nginx, env
             before = load.reset()
             assert_clean(before)
             assert before["responses"]["v2"] == 0
+            # Responses by backend, from the counts each reset returns.
             served = dict(before["responses"])
 
             previous = 0
@@ -164,9 +165,8 @@ async def test_weights_split_requests_and_reloads_drop_none(tmp_path, nginx, env
                 assert_clean(during)
                 stats = await load.wait_for_responses(SAMPLE, timeout=20)
                 assert_clean(stats)
-                for snapshot in (during, stats):
-                    for name in ("v1", "v2"):
-                        served[name] += snapshot["responses"][name]
+                for name in ("v1", "v2"):
+                    served[name] += during["responses"][name]
                 share = 100 * stats["responses"]["v2"] / (stats["responses"]["v1"] + stats["responses"]["v2"])
                 shares[weight] = round(share, 2)
                 assert abs(share - weight) <= TOLERANCE_POINTS, (weight, stats["responses"])
@@ -174,7 +174,7 @@ async def test_weights_split_requests_and_reloads_drop_none(tmp_path, nginx, env
             final = load.reset()
             assert_clean(final)
             for name in ("v1", "v2"):
-                served[name] += final["responses"][name] - stats["responses"][name]
+                served[name] += final["responses"][name]
         # The versioned path stays on v1 whatever the weights.
         assert await served_by(f"{nginx.url}/api/v1/users", 5) == {"v1": 5}
 
@@ -191,17 +191,20 @@ async def test_weights_split_requests_and_reloads_drop_none(tmp_path, nginx, env
 
 
 @needs_nginx
-async def test_zero_percent_and_rollback_send_all_to_green(tmp_path, nginx, environment):
+async def test_nginx_zero_and_rollback(tmp_path, nginx, environment):
     await run_step(environment, 50, tmp_path)
     result, output = await run_step(environment, 0, tmp_path)
-    assert result.data["previous_weight"] == 50 and result.data["weight"] == 0
+    assert result.data["previous_weight"] == 50
+    assert result.data["weight"] == 0
     text = nginx.upstream_file.read_text()
     assert f"server 127.0.0.1:{environment.traffic.blue_server.rsplit(':', 1)[1]} down;" in text
     await settled()
     assert await served_by(f"{nginx.url}/api/users", 20) == {"v1": 20}
 
     forward, _ = await run_step(environment, 100, tmp_path)
-    assert "server 127.0.0.1:" in text and nginx.upstream_file.read_text().count(" down;") == 1
+    text = nginx.upstream_file.read_text()
+    assert f"server {environment.traffic.green_server} down;" in text
+    assert text.count(" down;") == 1
     await settled()
     assert await served_by(f"{nginx.url}/api/users", 20) == {"v2": 20}
 
@@ -209,50 +212,59 @@ async def test_zero_percent_and_rollback_send_all_to_green(tmp_path, nginx, envi
     step = traffic_step(100)
     context = make_context(environment, step, tmp_path, previous=forward.data)
     executor = TrafficExecutor()
-    assert executor.has_inverse(step) and executor.repeat_safe(step)
+    assert executor.has_inverse(step)
+    assert executor.repeat_safe(step)
     undone = await executor.rollback(context)
-    assert undone.data["previous_weight"] == 100 and undone.data["weight"] == 0
+    assert undone.data["previous_weight"] == 100
+    assert undone.data["weight"] == 0
     assert "Sent all requests to green (v1)" in undone.summary
     assert "traffic to blue (v2): 100% -> 0%" in context.output.text()
     await settled()
     assert await served_by(f"{nginx.url}/api/users", 20) == {"v1": 20}
 
-    # Repeating a step changes nothing and says so.
+    # A repeated step changes nothing, and its output reports that.
     _, again = await run_step(environment, 0, tmp_path)
     assert "is already 0%" in again
 
 
 @needs_nginx
-async def test_failed_validation_restores_the_file(tmp_path, nginx, environment):
+async def test_nginx_failed_test_restores_file(tmp_path, nginx, environment):
     await run_step(environment, 10, tmp_path)
+    await settled()
     original = nginx.upstream_file.read_bytes()
-    broken = environment.model_copy(update={"traffic": environment.traffic.model_copy(
-        update={"blue_server": "127.0.0.1:99999"})})
+    # Someone left the site file broken: nginx -t fails, so the new weights must not stay.
+    site = nginx.site_file.read_text()
+    nginx.site_file.write_text(site.replace("proxy_pass http://backend-v1;", "bogus;"))
     with pytest.raises(StepError) as failure:
-        await run_step(broken, 50, tmp_path)
+        await run_step(environment, 50, tmp_path)
     assert failure.value.key == "traffic.validate_failed"
     message = failure.value.render("en")
-    assert "invalid port" in message and str(nginx.upstream_file) in message
+    assert 'unknown directive "bogus"' in message
+    assert str(nginx.upstream_file) in message
     assert "was put back" in message
     assert nginx.upstream_file.read_bytes() == original
     assert await current_weight(environment) == 10
+    # nginx still runs with the weights it had.
+    nginx.site_file.write_text(site)
+    found = await served_by(f"{nginx.url}/api/users", 50)
+    assert found == {"v1": 45, "v2": 5}
 
 
 @needs_nginx
-async def test_reload_failure_names_the_command(tmp_path, nginx, environment):
+async def test_nginx_reload_failure(tmp_path, nginx, environment):
     failing = environment.model_copy(update={"nginx": NginxSettings(
         files=nginx.files, test_command=nginx.test_command, reload_command="false")})
     with pytest.raises(StepError) as failure:
         await run_step(failing, 10, tmp_path)
     assert failure.value.key == "traffic.reload_failed"
     assert "false" in failure.value.render("en")
-    # The file holds the new weight, so running the step again reloads it.
+    # The file contains the new weight, so running the step again reloads it.
     result, _ = await run_step(environment, 10, tmp_path)
     assert result.data["previous_weight"] == 10
 
 
 @needs_nginx
-async def test_send_all_to_green_is_fast(tmp_path, nginx, environment):
+async def test_send_all_to_green_timing(tmp_path, nginx, environment):
     await run_step(environment, 100, tmp_path)
     await settled()
     assert await served_by(f"{nginx.url}/api/users", 5) == {"v2": 5}
@@ -267,7 +279,7 @@ async def test_send_all_to_green_is_fast(tmp_path, nginx, environment):
 
 
 @needs_nginx
-async def test_sandbox_restart_keeps_the_weight(tmp_path, nginx, services, environment):
+async def test_sandbox_restart_keeps_weight(tmp_path, nginx, services, environment):
     await run_step(environment, 50, tmp_path)
     again = await start_nginx(nginx.prefix, services.ports["v1"], services.ports["v2"])
     assert again.pid == nginx.pid
@@ -280,7 +292,7 @@ async def test_sandbox_restart_keeps_the_weight(tmp_path, nginx, services, envir
 # -- nginx: settings and files ---------------------------------------------------
 
 
-async def test_settings_and_weights_are_checked(tmp_path):
+async def test_invalid_settings_rejected(tmp_path):
     upstream = tmp_path / "upstream.conf"
     upstream.write_text("upstream backend-api {\n    server 127.0.0.1:1;\n    server 127.0.0.1:3;\n}\n")
     settings = TrafficSettings(provider="nginx", upstream_file=upstream, green_server="127.0.0.1:1",
@@ -308,7 +320,7 @@ async def test_settings_and_weights_are_checked(tmp_path):
     assert upstream.read_text().count("server") == 2
 
 
-def test_render_keeps_the_rest_of_the_file(tmp_path):
+def test_render_keeps_other_text(tmp_path):
     text = ("# upstreams\nhttp {\n\tupstream backend-api {\n\t\tkeepalive 8;\n\t\tserver 10.0.0.1:80 weight=3;"
             "  # green\n\t\tserver 10.0.0.2:80;\n\t}\n\tserver { listen 80; }\n}\n")
     target = _NginxTarget(tmp_path / "f", "backend-api", "10.0.0.1:80", "10.0.0.2:80")
@@ -327,7 +339,7 @@ def test_render_keeps_the_rest_of_the_file(tmp_path):
 # -- load generator --------------------------------------------------------------
 
 
-async def test_load_generator_sends_only_to_localhost():
+async def test_loadgen_only_localhost():
     for url in ("http://example.com/", "http://169.254.169.254/", "http://localhost:1/", "ftp://127.0.0.1/"):
         with pytest.raises(ValueError):
             check_local_url(url, "--url")
@@ -337,7 +349,7 @@ async def test_load_generator_sends_only_to_localhost():
         LoadGenerator("http://127.0.0.1:1/", datadog_control="http://10.0.0.1/_emulator")
 
 
-async def test_load_generator_counts_refused_connections_and_serves_stats(unused_tcp_port):
+async def test_loadgen_refused_and_stats(unused_tcp_port):
     async with LoadGenerator(f"http://127.0.0.1:{unused_tcp_port}/", rate=200, concurrency=8) as load:
         stats = await load.wait_for_responses(20, timeout=5)
         runner = web.AppRunner(create_control_app(load), access_log=None)
@@ -355,8 +367,10 @@ async def test_load_generator_counts_refused_connections_and_serves_stats(unused
                     assert response.status == 400
         finally:
             await runner.cleanup()
-    assert stats["failures"].get("connect", 0) >= 20 and stats["responses"]["v2"] == 0
-    assert served["failed"] >= 20 and served["v2_share"] is None
+    assert stats["failures"].get("connect", 0) >= 20
+    assert stats["responses"]["v2"] == 0
+    assert served["failed"] >= 20
+    assert served["v2_share"] is None
 
 
 # -- kubernetes ------------------------------------------------------------------
@@ -395,7 +409,7 @@ def annotations(kube: KubeApiEmulator) -> dict:
     return kube.get("ingresses.networking.k8s.io", "default", INGRESS)["metadata"]["annotations"]
 
 
-async def test_kubernetes_sets_the_canary_weight(tmp_path, kube, kube_environment):
+async def test_kubernetes_canary_weight(tmp_path, kube, kube_environment):
     await create_ingress(kube, annotations={"kubernetes.io/description": "blue"})
     assert await current_weight(kube_environment) == 0
     saved: list[dict] = []
@@ -412,18 +426,22 @@ async def test_kubernetes_sets_the_canary_weight(tmp_path, kube, kube_environmen
 
     context = make_context(kube_environment, traffic_step(100), tmp_path, previous=result.data)
     undone = await TrafficExecutor().rollback(context)
-    assert undone.data["weight"] == 0 and annotations(kube)[CANARY_WEIGHT] == "0"
+    assert undone.data["weight"] == 0
+    assert annotations(kube)[CANARY_WEIGHT] == "0"
     seconds = await send_all_to_green(kube_environment)
-    assert seconds < 2.0 and await current_weight(kube_environment) == 0
+    assert seconds < 2.0
+    assert await current_weight(kube_environment) == 0
 
 
-async def test_kubernetes_missing_ingress_names_it_and_the_fix(tmp_path, kube, kube_environment):
+async def test_kubernetes_missing_ingress(tmp_path, kube, kube_environment):
     with pytest.raises(StepError) as failure:
         await run_step(kube_environment, 10, tmp_path)
     assert failure.value.key == "traffic.canary_ingress_missing"
     message = failure.value.render("en")
-    assert INGRESS in message and "namespace default" in message
-    assert "nginx.ingress.kubernetes.io/canary" in message and "traffic.canary_ingress" in message
+    assert INGRESS in message
+    assert "namespace default" in message
+    assert "nginx.ingress.kubernetes.io/canary" in message
+    assert "traffic.canary_ingress" in message
     assert INGRESS in failure.value.render("ja")
 
 
@@ -442,10 +460,11 @@ async def test_kubernetes_api_failures(tmp_path, kube, kube_environment, status,
     assert INGRESS in failure.value.render("en")
     # Nothing was half done: the step runs again cleanly.
     result, _ = await run_step(kube_environment, 10, tmp_path)
-    assert result.data["weight"] == 10 and annotations(kube)[CANARY_WEIGHT] == "10"
+    assert result.data["weight"] == 10
+    assert annotations(kube)[CANARY_WEIGHT] == "10"
 
 
-async def test_kubernetes_timeout_and_refused_connection(tmp_path, kube, kube_environment):
+async def test_kubernetes_timeout_and_refused(tmp_path, kube, kube_environment):
     await create_ingress(kube)
     kube.fail(f"/ingresses/{INGRESS}", status=None, delay=2.0)
     with pytest.raises(StepError) as failure:

@@ -50,6 +50,10 @@ logger = logging.getLogger(__name__)
 
 # The production API base URL that the runbook's curl lines use.
 PRODUCTION_API_URL = "https://api.example.com"
+# Requests per second the load generator sends through nginx (POSTMERGE_SANDBOX_LOAD_RATE).
+DEFAULT_LOAD_RATE = 100
+# Monitor windows and poll intervals take this share of the runbook's time (POSTMERGE_SANDBOX_TIME_SCALE).
+DEFAULT_TIME_SCALE = 0.03
 
 
 def sandbox_environment(home: Path) -> Environment | None:
@@ -145,6 +149,11 @@ async def up(home: Path, *, reset: bool = False) -> dict[str, Any]:
         write_state(paths, state)
         if not was_running:
             changes.append("nginx_started")
+        # Steady traffic through nginx, whose per-request readings feed the Datadog emulator.
+        saas_port = state["services"]["saas"]["port"]
+        loadgen = _loadgen_spec(paths, instance.url, saas_port)
+        await ensure(loadgen, state["services"].get("loadgen") or {},
+                     lambda entry: state["services"].__setitem__("loadgen", entry))
     else:
         logger.warning("nginx is not installed, so the sandbox runs without it and nginx steps stay manual")
 
@@ -177,7 +186,7 @@ async def down(home: Path, *, purge: bool = False) -> None:
         paths.port_file.unlink(missing_ok=True)
         state["service"] = {**service, "pid": None, "stopped_at": _now()}
         services = state.get("services") or {}
-        for spec in _extra_services(paths):
+        for spec in [_loadgen_spec(paths), *_extra_services(paths)]:
             entry = services.get(spec.name) or {}
             if entry.get("pid"):
                 await _process.stop_service(entry["pid"], spec)
@@ -203,8 +212,8 @@ async def down(home: Path, *, purge: bool = False) -> None:
     logger.info("purged the sandbox under %s", paths.root)
 
 
-def set_switch(home: Path, name: str, enabled: bool) -> None:
-    """Turn a fault switch on or off. The scripts read the switches on every run."""
+def set_switch(home: Path, name: str, enabled: bool | float) -> None:
+    """Turn a fault switch on or off, or set a numeric one. The scripts and the v2 service read the switches."""
     check_switch_name(name)
     paths = SandboxPaths.under(home)
     if read_state(paths) is None:
@@ -213,7 +222,7 @@ def set_switch(home: Path, name: str, enabled: bool) -> None:
     switches = read_switch_file(paths.root)
     switches[name] = enabled
     write_json_atomic(paths.switches_file, switches)
-    logger.info("sandbox switch %s turned %s", name, "on" if enabled else "off")
+    logger.info("sandbox switch %s set to %s", name, enabled)
 
 
 def read_switches(home: Path) -> dict[str, bool]:
@@ -255,7 +264,7 @@ def sandbox_status(home: Path) -> dict[str, Any]:
         },
         "services": {
             spec.name: _service_status((state.get("services") or {}).get(spec.name) or {}, spec)
-            for spec in _extra_services(paths)
+            for spec in [*_extra_services(paths), _loadgen_spec(paths)]
         },
         "nginx": _nginx_status(paths, state),
         "switches": read_switch_file(paths.root),
@@ -279,6 +288,19 @@ def _nginx_status(paths: SandboxPaths, state: dict[str, Any]) -> dict[str, Any] 
     pid = running_pid(paths.nginx)
     return {"running": pid is not None, "pid": pid, "url": state["nginx"].get("url"),
             "config": str(paths.nginx / "nginx.conf")}
+
+
+def _loadgen_spec(paths: SandboxPaths, nginx_url: str = "", saas_port: int = 0):
+    """Return the load generator's service; without the URLs it serves only to find and stop the process."""
+    from bot.sandbox._process import ServiceSpec
+
+    arguments: tuple[str, ...] = ()
+    if nginx_url:
+        rate = os.environ.get("POSTMERGE_SANDBOX_LOAD_RATE", str(DEFAULT_LOAD_RATE))
+        arguments = ("--url", f"{nginx_url}/api/users", "--rate", rate,
+                     "--datadog-control", f"http://127.0.0.1:{saas_port}/_emulator", "--tag", "env:sandbox")
+    return ServiceSpec(name="loadgen", module="bot.sandbox.loadgen", port_file=paths.root / "loadgen.port",
+                       log=paths.root / "loadgen.log", arguments=arguments, health_path="/health")
 
 
 def _extra_services(paths: SandboxPaths) -> list:
@@ -319,14 +341,18 @@ def _environment_from_state(paths: SandboxPaths, state: dict[str, Any]) -> Envir
     if saas_port and paths.saas_credentials.is_file():
         saas_settings, secrets = _saas_settings(saas_port, paths.saas_credentials)
     nginx_settings = None
+    traffic_settings = None
     if state.get("nginx"):
-        from bot.sandbox.nginx import settings_for
+        from bot.sandbox.nginx import settings_for, traffic_settings_for
 
         nginx_settings = settings_for(paths.nginx)
+        traffic_settings = traffic_settings_for(paths.nginx)
     return Environment(
         name=SANDBOX,
         protected=False,
         nginx=nginx_settings,
+        traffic=traffic_settings,
+        monitor=_sandbox_monitor(),
         kubernetes=kubernetes_settings,
         **saas_settings,
         workdir=Path(state["workdir"]),
@@ -342,6 +368,26 @@ def _environment_from_state(paths: SandboxPaths, state: dict[str, Any]) -> Envir
         env_files=[".env.production"],
         commands={"pg_restore": script_command(state["python"], "restore")},
         writeback=True,
+    )
+
+
+def _sandbox_monitor():
+    """Return monitor settings sized to the load generator, with windows shortened by the time scale.
+
+    The runbook's 5-minute windows and 30-second polls take 0.03 of their time
+    (9 s and 0.9 s); POSTMERGE_SANDBOX_TIME_SCALE changes that. Thresholds
+    that assume production traffic are lowered to what the generator sends.
+    """
+    from bot.config import MonitorSettings
+
+    rate = float(os.environ.get("POSTMERGE_SANDBOX_LOAD_RATE", str(DEFAULT_LOAD_RATE)))
+    return MonitorSettings(
+        time_scale=float(os.environ.get("POSTMERGE_SANDBOX_TIME_SCALE", str(DEFAULT_TIME_SCALE))),
+        # The generator posts each second's points about 1 to 2 s late.
+        evaluation_delay_seconds=2,
+        min_requests=20,
+        # Half the generator's rate, scaled by blue's share like the runbook's 1000 req/s.
+        thresholds={"throughput_rps": rate / 2},
     )
 
 

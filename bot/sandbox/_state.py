@@ -31,7 +31,7 @@ KNOWN_SWITCHES: dict[str, str] = {
 
 @dataclass(frozen=True)
 class NumericSwitch:
-    """A fault switch whose value is a number; 0 turns it off."""
+    """A fault switch whose value is a number. The value 0 turns it off."""
 
     description: str
     minimum: float

@@ -19,10 +19,10 @@ up on). Redirects are not followed and proxy settings of the process
 environment are ignored. Every URL it is given must point at 127.0.0.1, and
 it sends nothing anywhere else.
 
-Keep-alive is off by default: each request opens its own connection, so
-every request is routed by the weights nginx has when it arrives, and none is
-lost when an nginx reload closes an idle kept-alive connection at the moment
-a request is sent on it. --keepalive reuses connections instead.
+Keep-alive is off by default, so each request opens its own connection and
+is routed by the weights nginx has when it arrives. It also means that no
+request is lost when an nginx reload closes an idle kept-alive connection
+just as a request is sent on it. --keepalive reuses connections instead.
 
 For each response it records the status, the latency and the X-Served-By
 header (v1, v2, or "unknown" when absent, such as nginx's own 502). A
@@ -94,7 +94,7 @@ def check_local_url(url: str, what: str) -> str:
 
 @dataclass
 class _Second:
-    """What finished in one Unix second."""
+    """The responses and failures that finished in one Unix second."""
 
     counts: dict[str, int] = field(default_factory=lambda: {name: 0 for name in (*BACKENDS, UNKNOWN)})
     errors: dict[str, int] = field(default_factory=lambda: {name: 0 for name in (*BACKENDS, UNKNOWN)})
@@ -137,6 +137,7 @@ class LoadGenerator:
         self.post_failures = 0
         self.last_post_error: str | None = None
         self._posted_until = 0
+        self._failing_since: float | None = None
         self._changed = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
         self._session: Any = None
@@ -212,12 +213,15 @@ class LoadGenerator:
     def stats(self) -> dict[str, Any]:
         """Return the counts since the last reset.
 
-        responses: by X-Served-By (v1, v2, unknown); errors: 5xx responses by
-        backend; statuses: by status code; failures: requests without a
-        response by kind (connect, timeout, disconnected, other);
-        v2_share: v2's fraction of responses from v1 or v2; latency_ms:
-        p50, p95, p99 and max by backend; per_second: the last finished
-        seconds with their split.
+            responses   by X-Served-By: v1, v2, unknown
+            errors      5xx responses by backend
+            statuses    responses by status code
+            failures    requests without a response by kind: connect,
+                        timeout, disconnected, other
+            failed      the sum of failures
+            v2_share    v2's fraction of the responses from v1 or v2
+            latency_ms  count, p50, p95, p99 and max by backend
+            per_second  the last finished seconds with their split
         """
         totals = self.totals
         served = totals.responses["v1"] + totals.responses["v2"]
@@ -368,8 +372,15 @@ class LoadGenerator:
         except (aiohttp.ClientError, asyncio.TimeoutError, RuntimeError) as error:
             self.post_failures += 1
             self.last_post_error = f"{type(error).__name__}: {error}"[:300]
-            logger.warning("could not post %d points to %s: %s", len(points), self.datadog_control, error)
+            # One line when posting starts failing, then one a minute while it keeps failing.
+            if self._failing_since is None or self.post_failures % 60 == 0:
+                logger.warning("could not post %d points to %s (failure %d): %s", len(points),
+                               self.datadog_control, self.post_failures, error)
+            self._failing_since = self._failing_since or time.time()
             return
+        if self._failing_since is not None:
+            logger.info("posting points to %s works again", self.datadog_control)
+            self._failing_since = None
         self.posted_points += len(points)
         self._posted_until = until
 
@@ -448,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bot.sandbox.loadgen", description=__doc__.splitlines()[0])
     parser.add_argument("--url", required=True, help="URL on 127.0.0.1 to send GET requests to")
     parser.add_argument("--rate", type=float, default=200.0, help="target requests per second (default 200)")
-    parser.add_argument("--concurrency", type=int, default=64, help="most requests in flight (default 64)")
+    parser.add_argument("--concurrency", type=int, default=64, help="maximum requests in flight (default 64)")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds before a request fails (default 5)")
     parser.add_argument("--keepalive", action="store_true", help="reuse connections (default: one per request)")
     parser.add_argument("--datadog-control", help="the Datadog emulator's control URL, http://127.0.0.1:Q/_emulator")

@@ -153,7 +153,7 @@ def traffic_settings_for(prefix: Path, v1_port: int | None = None, v2_port: int 
     """Return the environment's traffic section for the sandbox nginx under prefix.
 
     Without the ports, they are read from the upstreams backend-v1 and
-    backend-v2 of PREFIX/nginx.conf, as the last start wrote it; when that
+    backend-v2 of PREFIX/nginx.conf, as the last start wrote it. When that
     file does not exist, the servers are left unset.
     """
     from bot.config import TrafficSettings

@@ -145,7 +145,7 @@ async def served_by(request: web.Request, handler) -> web.StreamResponse:
 
 @web.middleware
 async def injected_faults(request: web.Request, handler) -> web.StreamResponse:
-    """Delay or fail a v2 response as the fault switches say; v1 never gets this middleware."""
+    """Delay or fail a v2 response as the fault switches set it. The v1 app has no such middleware."""
     if request.path in UNAFFECTED_PATHS:
         return await handler(request)
     faults = request.app[FAULTS]
