@@ -170,6 +170,10 @@ def describe_step(step, locale: str, *, dry_run: bool = False) -> str:
     elif step.kind == "monitor":
         thresholds = ", ".join(f"{key}={value:g}" for key, value in step.thresholds.items())
         parts.append(t("plan.detail_monitor", seconds=step.duration_seconds, thresholds=thresholds or "-"))
+        if step.params.get("time_scale"):
+            scale = step.params["time_scale"]
+            parts.append(t("plan.detail_time_scale", scale=f"{scale:g}",
+                           seconds=f"{(step.duration_seconds or 0) * scale:g}"))
     elif step.run_command:
         parts.append(t("plan.detail_shell", command=step.run_command))
         if step.commands and step.run_command != step.commands[0]:
@@ -484,7 +488,8 @@ async def sandbox_command(args, console: Console, locale: str, settings: Setting
         console.print(Text(translate("sandbox.up_ready", locale, **params), style="green"))
         if state.get("nginx"):
             console.print(Text(translate("sandbox.up_systems", locale, nginx=state["nginx"]["url"],
-                                         kubeconfig=str(home / "sandbox" / "kubeconfig"))))
+                                         kubeconfig=str(home / "sandbox" / "kubeconfig"),
+                                         rate=sandbox.load_rate())))
         else:
             console.print(Text(translate("sandbox.up_without_nginx", locale), style="yellow"))
         return EXIT_OK

@@ -125,3 +125,22 @@ def test_unknown_kubectl_form_manual_or_shell():
 
     shell = build_plan(runbook, full_environment(allow_shell=True))[0].phases[0].steps[0]
     assert (shell.kind, shell.automated, shell.run_command) == ("shell", True, "kubectl rollout restart deployment/api")
+
+
+def test_monitor_shows_time_scale_and_protected_rejects_it():
+    import pytest
+    from pydantic import ValidationError
+
+    from bot.config import MonitorSettings
+
+    environment = full_environment()
+    environment.monitor = MonitorSettings(time_scale=0.03, thresholds={"throughput_rps": 50})
+    monitor = next(step for step in build_plan(read_runbook(REAL_RUNBOOK), environment)[0].phases[5].steps
+                   if step.kind == "monitor")
+    assert monitor.duration_seconds == 300
+    assert monitor.params["time_scale"] == 0.03
+    assert monitor.thresholds["throughput_rps"] == 50
+    assert monitor.thresholds["p95_ms"] == 200
+
+    with pytest.raises(ValidationError, match="time_scale must be 1 in a protected environment"):
+        Environment(name="production", protected=True, monitor={"time_scale": 0.5})

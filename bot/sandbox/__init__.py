@@ -290,14 +290,18 @@ def _nginx_status(paths: SandboxPaths, state: dict[str, Any]) -> dict[str, Any] 
             "config": str(paths.nginx / "nginx.conf")}
 
 
+def load_rate() -> str:
+    """Return the load generator's requests per second, from POSTMERGE_SANDBOX_LOAD_RATE or the default."""
+    return os.environ.get("POSTMERGE_SANDBOX_LOAD_RATE", str(DEFAULT_LOAD_RATE))
+
+
 def _loadgen_spec(paths: SandboxPaths, nginx_url: str = "", saas_port: int = 0):
     """Return the load generator's service; without the URLs it serves only to find and stop the process."""
     from bot.sandbox._process import ServiceSpec
 
     arguments: tuple[str, ...] = ()
     if nginx_url:
-        rate = os.environ.get("POSTMERGE_SANDBOX_LOAD_RATE", str(DEFAULT_LOAD_RATE))
-        arguments = ("--url", f"{nginx_url}/api/users", "--rate", rate,
+        arguments = ("--url", f"{nginx_url}/api/users", "--rate", load_rate(),
                      "--datadog-control", f"http://127.0.0.1:{saas_port}/_emulator", "--tag", "env:sandbox")
     return ServiceSpec(name="loadgen", module="bot.sandbox.loadgen", port_file=paths.root / "loadgen.port",
                        log=paths.root / "loadgen.log", arguments=arguments, health_path="/health")
@@ -380,7 +384,7 @@ def _sandbox_monitor():
     """
     from bot.config import MonitorSettings
 
-    rate = float(os.environ.get("POSTMERGE_SANDBOX_LOAD_RATE", str(DEFAULT_LOAD_RATE)))
+    rate = float(load_rate())
     return MonitorSettings(
         time_scale=float(os.environ.get("POSTMERGE_SANDBOX_TIME_SCALE", str(DEFAULT_TIME_SCALE))),
         # The generator posts each second's points about 1 to 2 s late.

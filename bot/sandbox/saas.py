@@ -62,6 +62,8 @@ HOST = "127.0.0.1"
 CLOUDFLARE_PREFIX = "/cloudflare/client/v4"
 DATADOG_PREFIX = "/datadog"
 SENTRY_PREFIX = "/sentry/api/0"
+# Metric points older than this are dropped.
+SERIES_RETENTION_SECONDS = 3600
 CONTROL_PREFIX = "/_emulator"
 CACHE_PHASE = "http_request_cache_settings"
 
@@ -421,9 +423,17 @@ class DatadogService:
         self._next_monitor_id = 1000001
 
     def record(self, metric: str, value: float, timestamp: float | None = None, tags: list[str] | None = None) -> None:
-        """Add one point of a metric, which the metrics query endpoint then returns."""
+        """Add one point of a metric, which the metrics query endpoint then returns.
+
+        Points older than SERIES_RETENTION_SECONDS are dropped, so a sandbox
+        with steady traffic keeps a bounded amount in memory.
+        """
         moment = _now().timestamp() if timestamp is None else float(timestamp)
-        self.series.setdefault(metric, []).append(Point(moment, float(value), tuple(tags or ())))
+        points = self.series.setdefault(metric, [])
+        points.append(Point(moment, float(value), tuple(tags or ())))
+        if len(points) % 1000 == 0:
+            horizon = moment - SERIES_RETENTION_SECONDS
+            points[:] = [point for point in points if point.timestamp >= horizon]
 
     @staticmethod
     def error(status: int, *messages: str) -> web.Response:
@@ -1077,8 +1087,6 @@ class SaasEmulator:
                 "dashboards": self.datadog.dashboards,
                 "monitors": {str(key): value for key, value in self.datadog.monitors.items()},
                 "next_monitor_id": self.datadog._next_monitor_id,
-                "series": {metric: [[point.timestamp, point.value, list(point.tags)] for point in points]
-                           for metric, points in self.datadog.series.items()},
             },
             "sentry": {
                 "releases": self.sentry.releases,
@@ -1096,8 +1104,6 @@ class SaasEmulator:
         self.datadog.dashboards = datadog.get("dashboards", {})
         self.datadog.monitors = {int(key): value for key, value in datadog.get("monitors", {}).items()}
         self.datadog._next_monitor_id = datadog.get("next_monitor_id", 1000001)
-        self.datadog.series = {metric: [Point(item[0], item[1], tuple(item[2])) for item in points]
-                               for metric, points in datadog.get("series", {}).items()}
         sentry = data.get("sentry", {})
         self.sentry.releases = sentry.get("releases", {})
         self.sentry.deploys = sentry.get("deploys", {})
@@ -1151,7 +1157,7 @@ class SaasEmulator:
                 self.datadog.record(point["metric"], point["value"], point.get("timestamp"), point.get("tags"))
             except (KeyError, TypeError, ValueError) as error:
                 return _json({"error": f"invalid point {point!r}: {error}"}, 400)
-        self.changed()
+        # Metric points are telemetry that the traffic makes again, so they are not written to the state file.
         return _json({"recorded": len(points)})
 
 
