@@ -23,27 +23,30 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def build_parser(locale: str) -> argparse.ArgumentParser:
-    t = lambda key: translate(key, locale)  # noqa: E731 - local shorthand
+    # argparse formats help with %, so a literal % in a message is doubled.
+    t = lambda key: translate(key, locale).replace("%", "%%")  # noqa: E731 - local shorthand
     # The common options are accepted before and after the subcommand.
     common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-h", "--help", action="help", default=argparse.SUPPRESS, help=t("cli.help_help"))
     common.add_argument("--db", default=argparse.SUPPRESS, help=t("cli.help_db"))
     common.add_argument("--config", type=Path, default=argparse.SUPPRESS, help=t("cli.help_config"))
     common.add_argument("--locale", choices=("ja", "en"), default=argparse.SUPPRESS, help=t("cli.help_locale"))
     # The actions are shared with every subcommand, so their default stays
     # SUPPRESS (set_defaults would change it for all) and parse_arguments fills in None.
-    parser = argparse.ArgumentParser(prog="postmerge", description=t("cli.description"), parents=[common])
+    parser = argparse.ArgumentParser(prog="postmerge", description=t("cli.description"), parents=[common],
+                                     add_help=False)
     commands = _Subcommands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"), common)
 
     lint = commands.add_parser("lint", help=t("cli.help_lint"))
-    lint.add_argument("file", type=Path)
+    lint.add_argument("file", type=Path, help=t("cli.help_file"))
 
     plan = commands.add_parser("plan", help=t("cli.help_plan"))
-    plan.add_argument("file", type=Path)
+    plan.add_argument("file", type=Path, help=t("cli.help_file"))
     plan.add_argument("--env", help=t("cli.help_env"))
     plan.add_argument("--json", action="store_true", help=t("cli.help_json"))
 
     run = commands.add_parser("run", help=t("cli.help_run"))
-    run.add_argument("file", type=Path)
+    run.add_argument("file", type=Path, help=t("cli.help_file"))
     run.add_argument("--env", help=t("cli.help_env"))
     run.add_argument("--yes", action="store_true", help=t("cli.help_yes"))
     run.add_argument("--dry-run", action="store_true", help=t("cli.help_dry_run"))
@@ -53,17 +56,17 @@ def build_parser(locale: str) -> argparse.ArgumentParser:
     status.add_argument("--all", action="store_true", help=t("cli.help_all"))
 
     resume = commands.add_parser("resume", help=t("cli.help_resume"))
-    resume.add_argument("run_id")
+    resume.add_argument("run_id", help=t("cli.help_run_id"))
     resume.add_argument("--yes", action="store_true", help=t("cli.help_yes"))
     resume.add_argument("--on-interrupted", choices=("retry", "done", "skipped", "abort"),
                         help=t("cli.help_on_interrupted"))
     resume.add_argument("--phase", type=int, help=t("cli.help_phase"))
 
     abort = commands.add_parser("abort", help=t("cli.help_abort"))
-    abort.add_argument("run_id")
+    abort.add_argument("run_id", help=t("cli.help_run_id"))
 
     rollback = commands.add_parser("rollback", help=t("cli.help_rollback"))
-    rollback.add_argument("run_id")
+    rollback.add_argument("run_id", help=t("cli.help_run_id"))
     rollback.add_argument("--yes", action="store_true", help=t("cli.help_yes"))
 
     serve = commands.add_parser("serve", help=t("cli.help_serve"))
@@ -92,7 +95,7 @@ class _Subcommands:
         self.common = common
 
     def add_parser(self, name: str, **options) -> argparse.ArgumentParser:
-        return self.action.add_parser(name, parents=[self.common], **options)
+        return self.action.add_parser(name, parents=[self.common], add_help=False, **options)
 
 
 def parse_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
@@ -150,8 +153,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return asyncio.run(run_async_command(args, console, locale))
     except PostmergeError as error:
+        # markup=False: an error may quote text in brackets, such as a TOML table name.
         error_console.print(translate("cli.error_prefix", locale) + error.render(locale), style="red",
-                            highlight=False, soft_wrap=True)
+                            highlight=False, soft_wrap=True, markup=False)
         return exit_code_for(error)
     except KeyboardInterrupt:
         error_console.print(translate("cli.interrupted", locale), style="red")

@@ -162,8 +162,8 @@ class MonitorSettings(BaseModel):
     thresholds: dict[str, float] = Field(default_factory=dict)
     # A window with fewer requests than this is too little traffic to judge.
     min_requests: int = Field(default=100, ge=1)
-    # "share": the throughput threshold is scaled by blue's share of traffic (1000 req/s
-    # at 10% expects 100 req/s from v2); "v2": it applies to v2's throughput as written.
+    # With "share", the throughput threshold is scaled by blue's share of traffic, so
+    # 1000 req/s at 10% expects 100 req/s from v2. With "v2", it applies as written.
     throughput_scope: Literal["share", "v2"] = "share"
     # Seconds to wait after the window for metric points that arrive late.
     evaluation_delay_seconds: float = Field(default=0, ge=0)
@@ -281,11 +281,18 @@ def _read_config_file(path: Path) -> dict[str, Environment]:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError("config.not_found", path=str(path)) from None
-    except tomllib.TOMLDecodeError as error:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise ConfigError("config.invalid_toml", path=str(path), error=str(error)) from None
+    except OSError as error:
+        raise ConfigError("config.invalid_toml", path=str(path), error=error.strerror or str(error)) from None
 
+    sections = data.get("environments", {})
+    if not isinstance(sections, dict):
+        raise ConfigError("config.invalid_layout", path=str(path), name="environments")
     environments = {}
-    for name, values in data.get("environments", {}).items():
+    for name, values in sections.items():
+        if not isinstance(values, dict):
+            raise ConfigError("config.invalid_layout", path=str(path), name=f"environments.{name}")
         try:
             environment = Environment(name=name, **values)
         except ValidationError as error:

@@ -45,6 +45,10 @@ _ENDPOINT_CATEGORY = re.compile(r"(endpoint|エンドポイント)", re.I)
 def configure(step: Step, task: Task | None, runbook: Runbook, environment: Environment, *,
               rollback: bool = False) -> Step:
     """Fill params for a system step, or make it manual with the reason; return the step."""
+    if step.kind == "shell" and task is not None and re.search(r"sentry", task.title, re.I):
+        # A command of the Sentry task, such as the source map upload, targets the release the sentry step creates.
+        step.params = {**step.params, "env": {"SENTRY_RELEASE": release_version(runbook)}}
+        return step
     section = SETTINGS_SECTIONS.get(step.kind)
     if section is None or not step.automated:
         return step

@@ -119,7 +119,9 @@ class TerminalView:
             message = self.t(f"terminal.run_{status}", run_id=event.run_id, error=event.data.get("error") or "")
             self.console.print(Text(message, style=style))
             if status in ("failed", "aborted") and event.data.get("kind") == "run":
-                self.console.print(Text(self.t("terminal.rollback_hint", run_id=event.run_id)))
+                # An aborted run cannot be resumed, only rolled back or have a phase run again.
+                hint = "terminal.rollback_hint" if status == "failed" else "terminal.abort_hint"
+                self.console.print(Text(self.t(hint, run_id=event.run_id)))
         self._refresh()
 
     # -- rendering --------------------------------------------------------

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from bot.errors import StepError
+from bot.i18n import translate
 from bot.plan import Step
 from steps.base import BaseExecutor, StepContext, StepResult
 
@@ -107,6 +108,8 @@ class ShellExecutor(BaseExecutor):
         for env_file in environment.env_files:
             variables.update(read_dotenv(environment.resolve(env_file)))
         variables.update(environment.variables)
+        # Variables the planner sets for this step, such as the Sentry release of its task.
+        variables.update({str(name): str(value) for name, value in (step.params.get("env") or {}).items()})
         variables.update(
             POSTMERGE_RUN_ID=context.run_id,
             POSTMERGE_STEP_ID=step.id,
@@ -177,12 +180,14 @@ class ShellExecutor(BaseExecutor):
         """Carry out `kill -INT <pid>`: signal the step processes of the run that still run."""
         groups = await context.running_process_groups() if context.running_process_groups else []
         if not groups:
-            context.output.write("no step process of this run is running; nothing to signal")
+            context.output.write(translate("shell.signal_nothing", context.locale))
             return StepResult(ok=True, summary="nothing running")
         for pgid in groups:
-            context.output.write(f"sending {signal.Signals(signum).name} to process group {pgid}")
+            context.output.write(translate("shell.signal_sending", context.locale, signal=signal.Signals(signum).name,
+                                           pgid=pgid))
             ended = await stop_group(pgid, context.environment.kill_grace_seconds, signum)
-            context.output.write(f"process group {pgid} {'ended' if ended else 'is still running'}")
+            context.output.write(translate("shell.signal_ended" if ended else "shell.signal_still_running",
+                                           context.locale, pgid=pgid))
         return StepResult(ok=True, summary=f"signalled {len(groups)} process group(s)")
 
     def repeat_safe(self, step: Step) -> bool:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from conftest import REAL_RUNBOOK, REPO, run_cli
 
 BROKEN = """# Post-Merge Tasks: broken
@@ -152,3 +154,15 @@ def test_invalid_locale_variable_rejected(home):
     result = run_cli("status", home=home, env=cli_env(home, POSTMERGE_LOCALE="fr"))
     assert result.returncode == 2
     assert "POSTMERGE_LOCALE must be ja or en, not 'fr'" in result.stderr
+
+
+@pytest.mark.parametrize("locale", ["ja", "en"])
+def test_every_help_page_renders(tmp_path, locale):
+    for command in (["--help"], ["lint", "--help"], ["plan", "--help"], ["run", "--help"], ["status", "--help"],
+                    ["resume", "--help"], ["abort", "--help"], ["rollback", "--help"], ["serve", "--help"],
+                    ["sandbox", "--help"], ["sandbox", "switch", "--help"], ["sandbox", "up", "--help"]):
+        result = run_cli(*command, "--locale", locale, home=tmp_path)
+        assert result.returncode == 0, (command, result.stderr)
+        assert "Traceback" not in result.stderr
+        if locale == "ja":
+            assert "このヘルプを表示して終了する" in result.stdout, command

@@ -42,7 +42,7 @@ def run_runbook(home: Path, env: dict) -> tuple[subprocess.CompletedProcess, Pat
     return run_cli("run", str(runbook), "--env", "sandbox", "--yes", "--locale", "en", home=home, env=env), runbook
 
 
-def test_v2_errors_send_traffic_back_then_phase_6_reruns(sandbox):
+def test_v2_errors_reset_traffic_then_rerun(sandbox):
     home, env, _ = sandbox
     assert run_cli("sandbox", "switch", "v2-error-percent", "2", home=home, env=env).returncode == 0
     result, runbook = run_runbook(home, env)
@@ -117,7 +117,7 @@ def test_abort_during_window_leaves_traffic_visible(sandbox):
 
     run = last_run(home, env)
     assert run["status"] == "aborted"
-    # The abort leaves traffic where it was, and status says where that is.
+    # The abort leaves traffic where it was, and status shows the share.
     assert traffic_share(home) == 10
     assert run["traffic_weight"] == 10
     status = run_cli("status", "--locale", "en", home=home, env=env).stdout

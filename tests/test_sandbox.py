@@ -502,3 +502,25 @@ def test_unknown_switch_exits_2(tmp_path: Path):
     result = run_cli("sandbox", "switch", "disk-full", "on", home=tmp_path)
     assert result.returncode == 2
     assert "disk-full" in result.stderr
+
+
+async def test_reset_restores_emulators_and_keeps_nginx_url(home: Path):
+    from kubernetes_asyncio import client, config
+
+    first = await up(home)
+
+    async def replicas_of_api(scale_to: int | None = None) -> int:
+        api_client = await config.new_client_from_config(config_file=str(home / "sandbox" / "kubeconfig"),
+                                                         context="postmerge-sandbox")
+        async with api_client:
+            apps = client.AppsV1Api(api_client)
+            if scale_to is not None:
+                await apps.patch_namespaced_deployment_scale("api", "default", {"spec": {"replicas": scale_to}})
+            return (await apps.read_namespaced_deployment("api", "default")).spec.replicas
+
+    assert await replicas_of_api(scale_to=0) == 0
+    second = await up(home, reset=True)
+
+    assert "emulators_reset" in second["changes"]
+    assert await replicas_of_api() == 2
+    assert second["nginx"]["url"] == first["nginx"]["url"]

@@ -188,9 +188,10 @@ async def test_socket_ack_times_out():
 async def test_serve_connects_with_app_token(socket_bot):
     slack = socket_bot.slack
     opened = slack.calls_to("apps.connections.open")
-    assert len(opened) == 1
-    assert opened[0].token == APP_TOKEN
-    assert opened[0].ok
+    # One call checks the app token at start-up; the second opens the connection.
+    assert len(opened) == 2
+    assert all(call.token == APP_TOKEN for call in opened)
+    assert all(call.ok for call in opened)
     assert slack.socket_connections == 1
     assert not socket_bot.task.done()
 
@@ -252,6 +253,25 @@ async def test_socket_retry_starts_one_run(socket_bot):
     assert len(ephemerals(slack)) == 1
 
 
+async def test_rejected_app_token_stops_startup(tmp_path):
+    from bot.errors import ConfigError
+
+    config, runbooks, _ = write_config(tmp_path)
+    async with SlackEmulator() as slack:
+        settings = Settings(home=tmp_path / "home", config=config, locale="en")
+        slack_settings = SlackSettings(slack_bot_token=BOT_TOKEN, slack_app_token="xapp-1-rejected",
+                                       slack_api_url=slack.base_url, postmerge_runbook_dir=runbooks)
+        slack.invalid_tokens.add("xapp-1-rejected")
+        store = await Store.open(f"sqlite+aiosqlite:///{tmp_path / 'store.db'}")
+        try:
+            with pytest.raises(ConfigError) as raised:
+                await asyncio.wait_for(serve(settings, slack_settings, store, 0), 10)
+        finally:
+            await store.close()
+    assert "Slack rejected SLACK_APP_TOKEN (invalid_auth)" in raised.value.render("en")
+    assert slack.socket_connections == 0
+
+
 async def test_cancel_closes_socket(socket_bot):
     slack = socket_bot.slack
     await socket_bot.stop()
@@ -260,7 +280,7 @@ async def test_cancel_closes_socket(socket_bot):
     await wait_for(lambda: _is(slack.socket_connections == 0), 3)
     # Nothing reconnects after the bot stopped.
     await asyncio.sleep(0.5)
-    assert slack.count("apps.connections.open") == 1
+    assert slack.count("apps.connections.open") == 2
     assert slack.socket_connections == 0
 
 

@@ -144,3 +144,10 @@ def test_monitor_shows_time_scale_and_protected_rejects_it():
 
     with pytest.raises(ValidationError, match="time_scale must be 1 in a protected environment"):
         Environment(name="production", protected=True, monitor={"time_scale": 0.5})
+
+
+def test_sentry_shell_step_gets_release():
+    steps = steps_by_title(build_plan(read_runbook(REAL_RUNBOOK), full_environment())[0])
+    upload = steps["Sentry プロジェクト設定: Source maps アップロード"]
+    assert upload.kind == "shell"
+    assert upload.params["env"] == {"SENTRY_RELEASE": "api-v2-migration@pr-456"}

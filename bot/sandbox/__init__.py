@@ -133,6 +133,16 @@ async def up(home: Path, *, reset: bool = False) -> dict[str, Any]:
 
     await ensure(_process.ServiceSpec.v2(paths), last_service, lambda entry: state.__setitem__("service", entry))
     state["services"] = dict(previous.get("services") or {})
+    if reset:
+        # The emulators start again from their seed: Green `api` at 2 replicas, no rules, dashboards or releases.
+        for spec in _extra_services(paths):
+            entry = state["services"].get(spec.name) or {}
+            if entry.get("pid"):
+                await _process.stop_service(entry["pid"], spec)
+            state["services"][spec.name] = {"port": entry.get("port")}
+        for name in ("kube-state.json", "saas-state.json"):
+            (paths.root / name).unlink(missing_ok=True)
+        changes.append("emulators_reset")
     for spec in _extra_services(paths):
         await ensure(spec, state["services"].get(spec.name) or {},
                      lambda entry, name=spec.name: state["services"].__setitem__(name, entry))
@@ -142,8 +152,10 @@ async def up(home: Path, *, reset: bool = False) -> dict[str, Any]:
     if nginx.nginx_available():
         # nginx fronts both API versions: / goes to v1 until the runbook adds the /api/v2 location.
         was_running = nginx.running_pid(paths.nginx) is not None
+        # A running nginx keeps its port across a reset, so its URL stays the same.
+        keep_port = (previous.get("nginx") or {}).get("port") if was_running else None
         instance = await nginx.start_nginx(paths.nginx, state["services"]["v1"]["port"], state["service"]["port"],
-                                           reset=reset)
+                                           port=keep_port, reset=reset)
         state["nginx"] = {"pid": instance.pid, "port": instance.port, "url": instance.url,
                           "prefix": str(paths.nginx)}
         write_state(paths, state)

@@ -74,7 +74,13 @@ async def serve(settings: Settings, slack: SlackSettings, store, port: int,
     init_error_reporting([slack.slack_bot_token, slack.slack_signing_secret, slack.slack_app_token])
     app, service = build_app(settings, slack, store)
     await _check_token(app.client, slack.slack_api_url)
+    if slack.slack_app_token:
+        await _check_app_token(app.client, slack.slack_app_token, slack.slack_api_url)
     say = announce or (lambda text: None)
+    missing = [str(folder) for folder in _runbook_folders(settings, slack) if not folder.is_dir()]
+    if missing:
+        log.warning("runbook folders not found: %s", ", ".join(missing))
+        say(translate("slack.runbook_dir_missing", settings.locale, folders=", ".join(missing)))
     # Runs that were active when the bot last stopped carry on in their Slack messages.
     watcher = asyncio.create_task(service.watch_orphans(LEASE_SECONDS / 2))
     try:
@@ -88,6 +94,15 @@ async def serve(settings: Settings, slack: SlackSettings, store, port: int,
         watcher.cancel()
         await asyncio.gather(watcher, return_exceptions=True)
         await service.close()
+
+
+def _runbook_folders(settings: Settings, slack: SlackSettings) -> list:
+    """Return the folders `start` looks in: each environment's runbook_dir, else POSTMERGE_RUNBOOK_DIR."""
+    from bot.config import load_environments
+
+    folders = {environment.runbook_dir or slack.postmerge_runbook_dir
+               for environment in load_environments(settings).values()}
+    return sorted(folders or {slack.postmerge_runbook_dir})
 
 
 async def _check_token(client, api_url: str) -> None:
@@ -104,6 +119,25 @@ async def _check_token(client, api_url: str) -> None:
     except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as error:
         raise ConfigError("slack.unreachable", url=api_url, error=str(error) or type(error).__name__) from None
     log.info("authenticated to Slack as %s in team %s", response.get("user_id"), response.get("team_id"))
+
+
+async def _check_app_token(client, app_token: str, api_url: str) -> None:
+    """Ask Slack for a Socket Mode URL once; raise ConfigError when it rejects the app token.
+
+    slack_sdk's Socket Mode client retries a rejected token forever, so the
+    token is checked before it starts.
+    """
+    import asyncio
+
+    import aiohttp
+    from slack_sdk.errors import SlackApiError
+
+    try:
+        await client.apps_connections_open(app_token=app_token)
+    except SlackApiError as error:
+        raise ConfigError("slack.app_token_rejected", error=error.response.get("error", "?")) from None
+    except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as error:
+        raise ConfigError("slack.unreachable", url=api_url, error=str(error) or type(error).__name__) from None
 
 
 async def _serve_socket_mode(app, app_token: str, ready: Callable[[], None]) -> None:
