@@ -489,7 +489,7 @@ async def sandbox_command(args, console: Console, locale: str, settings: Setting
         if state.get("nginx"):
             console.print(Text(translate("sandbox.up_systems", locale, nginx=state["nginx"]["url"],
                                          kubeconfig=str(home / "sandbox" / "kubeconfig"),
-                                         rate=sandbox.load_rate())))
+                                         rate=(state["services"].get("loadgen") or {}).get("rate", "-"))))
         else:
             console.print(Text(translate("sandbox.up_without_nginx", locale), style="yellow"))
         return EXIT_OK

@@ -51,6 +51,7 @@ class TerminalView:
         self.phase_started: dict[int | None, float] = {}
         self.phase_finished: dict[int | None, float] = {}
         self.failed_phase: int | None = None
+        self.current_phase: int | None = None
         self.current: Step | None = None
         self.last_line = ""
         self.done_steps: set[str] = set()
@@ -101,6 +102,7 @@ class TerminalView:
                 self._say("terminal.phase_finished", number=event.phase, minutes=minutes)
         elif kind == "step.started" and step is not None:
             self.current = step
+            self.current_phase = step.phase
             self.last_line = ""
             self._say("terminal.step_started", step_id=step.id, title=step.title, kind=step.kind)
         elif kind.startswith("step.") and step is not None:
@@ -119,10 +121,19 @@ class TerminalView:
             message = self.t(f"terminal.run_{status}", run_id=event.run_id, error=event.data.get("error") or "")
             self.console.print(Text(message, style=style))
             if status in ("failed", "aborted") and event.data.get("kind") == "run":
-                # An aborted run cannot be resumed, only rolled back or have a phase run again.
-                hint = "terminal.rollback_hint" if status == "failed" else "terminal.abort_hint"
-                self.console.print(Text(self.t(hint, run_id=event.run_id)))
+                self.console.print(Text(self._recovery_hint(event, status)))
         self._refresh()
+
+    def _recovery_hint(self, event: RunEvent, status: str) -> str:
+        """Say what to run next after a failure or an abort, naming the phase where that helps."""
+        failed = next((step for step in event.plan.steps() if step.id == event.data.get("failed_step")), None)
+        if status == "failed" and failed is not None and failed.kind in ("traffic", "monitor"):
+            # Traffic is back on green; the shift must start again from its first weight, not from the failed step.
+            return self.t("terminal.rerun_hint", run_id=event.run_id, phase=failed.phase)
+        if status == "failed":
+            return self.t("terminal.rollback_hint", run_id=event.run_id)
+        # An aborted run cannot be resumed, only rolled back or have a phase run again.
+        return self.t("terminal.abort_hint", run_id=event.run_id, phase=self.current_phase or "N")
 
     # -- rendering --------------------------------------------------------
 

@@ -54,6 +54,8 @@ def test_v2_errors_reset_traffic_then_rerun(sandbox):
     assert traffic_share(home) == 0
     assert run["traffic_weight"] == 0
     assert "All traffic was put back on green (v1) in" in result.stdout
+    # The hint names the phase to run again, not a plain resume of the failed monitor step.
+    assert f"postmerge resume {run['id']} --phase 6" in result.stdout
     assert "error rate" in run["error"]
     assert "## Status: failed" in runbook.read_text(encoding="utf-8")
     assert "error rate" in runbook.read_text(encoding="utf-8").split("## Notes", 1)[1]

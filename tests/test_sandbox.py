@@ -524,3 +524,18 @@ async def test_reset_restores_emulators_and_keeps_nginx_url(home: Path):
     assert "emulators_reset" in second["changes"]
     assert await replicas_of_api() == 2
     assert second["nginx"]["url"] == first["nginx"]["url"]
+
+
+async def test_load_rate_change_restarts_generator(home: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("POSTMERGE_SANDBOX_LOAD_RATE", "20")
+    await up(home)
+    assert sandbox_status(home)["services"]["loadgen"]["rate"] == "20"
+
+    monkeypatch.setenv("POSTMERGE_SANDBOX_LOAD_RATE", "30")
+    state = await up(home)
+    assert "loadgen_started" in state["changes"]
+    assert sandbox_status(home)["services"]["loadgen"]["rate"] == "30"
+
+    # A run without the variable judges the rate the generator was started with.
+    monkeypatch.delenv("POSTMERGE_SANDBOX_LOAD_RATE")
+    assert sandbox_environment(home).monitor.thresholds["throughput_rps"] == 15

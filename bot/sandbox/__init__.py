@@ -164,8 +164,13 @@ async def up(home: Path, *, reset: bool = False) -> dict[str, Any]:
         # Steady traffic through nginx, whose per-request readings feed the Datadog emulator.
         saas_port = state["services"]["saas"]["port"]
         loadgen = _loadgen_spec(paths, instance.url, saas_port)
-        await ensure(loadgen, state["services"].get("loadgen") or {},
-                     lambda entry: state["services"].__setitem__("loadgen", entry))
+        entry = state["services"].get("loadgen") or {}
+        if entry.get("pid") and str(entry.get("rate")) != load_rate():
+            # The rate changed: the generator starts again with it, so what runs is what `up` reports.
+            await _process.stop_service(entry["pid"], loadgen)
+        await ensure(loadgen, entry, lambda started: state["services"].__setitem__("loadgen", started))
+        state["services"]["loadgen"]["rate"] = load_rate()
+        write_state(paths, state)
     else:
         logger.warning("nginx is not installed, so the sandbox runs without it and nginx steps stay manual")
 
@@ -288,8 +293,11 @@ def _service_status(entry: dict[str, Any], spec) -> dict[str, Any]:
 
     pid, port = entry.get("pid"), entry.get("port")
     running = bool(pid) and _process.is_service_process(pid, spec)
-    return {"running": running, "pid": pid if running else None, "port": port,
-            "url": f"http://127.0.0.1:{port}" if port else None, "log": entry.get("log")}
+    status = {"running": running, "pid": pid if running else None, "port": port,
+              "url": f"http://127.0.0.1:{port}" if port else None, "log": entry.get("log")}
+    if "rate" in entry:
+        status["rate"] = entry["rate"]
+    return status
 
 
 def _nginx_status(paths: SandboxPaths, state: dict[str, Any]) -> dict[str, Any] | None:
@@ -368,7 +376,7 @@ def _environment_from_state(paths: SandboxPaths, state: dict[str, Any]) -> Envir
         protected=False,
         nginx=nginx_settings,
         traffic=traffic_settings,
-        monitor=_sandbox_monitor(),
+        monitor=_sandbox_monitor(((state.get("services") or {}).get("loadgen") or {}).get("rate")),
         kubernetes=kubernetes_settings,
         **saas_settings,
         workdir=Path(state["workdir"]),
@@ -387,7 +395,7 @@ def _environment_from_state(paths: SandboxPaths, state: dict[str, Any]) -> Envir
     )
 
 
-def _sandbox_monitor():
+def _sandbox_monitor(rate: str | None = None):
     """Return monitor settings sized to the load generator, with windows shortened by the time scale.
 
     The runbook's 5-minute windows and 30-second polls take 0.03 of their time
@@ -396,7 +404,8 @@ def _sandbox_monitor():
     """
     from bot.config import MonitorSettings
 
-    rate = float(load_rate())
+    # The rate the running generator was started with, so a run judges the traffic that is really sent.
+    rate = float(rate or load_rate())
     return MonitorSettings(
         time_scale=float(os.environ.get("POSTMERGE_SANDBOX_TIME_SCALE", str(DEFAULT_TIME_SCALE))),
         # The generator posts each second's points about 1 to 2 s late.
