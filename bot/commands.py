@@ -396,7 +396,7 @@ async def status_command(args, console: Console, locale: str, store) -> int:
         current = next((step for step in steps if step.status in ("running", "waiting", "interrupted")), None)
         # A running or waiting run whose process is gone needs `postmerge resume`.
         orphaned = run.status in ("running", "waiting") and not owner_alive(run.owner)
-        traffic = [event for event in await store.events(run.id) if event["type"] == "traffic.changed"]
+        traffic = await store.last_event(run.id, "traffic.changed")
         rows.append({
             "id": run.id,
             "kind": run.kind,
@@ -417,7 +417,7 @@ async def status_command(args, console: Console, locale: str, store) -> int:
             "owner": run.owner,
             "orphaned": orphaned,
             # Blue's (v2's) share of traffic after the run's last traffic change, if it made one.
-            "traffic_weight": (traffic[-1]["data"] or {}).get("weight") if traffic else None,
+            "traffic_weight": (traffic["data"] or {}).get("weight") if traffic else None,
         })
     if args.json:
         print(json.dumps({"runs": rows}, ensure_ascii=False, indent=2))

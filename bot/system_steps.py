@@ -61,7 +61,7 @@ def configure(step: Step, task: Task | None, runbook: Runbook, environment: Envi
         # The environment may replace the runbook's thresholds, for example for a sandbox's small traffic.
         step.thresholds = {**step.thresholds, **environment.monitor.thresholds}
         if environment.monitor.time_scale != 1:
-            # Shown in the plan beside the runbook's window, so nobody mistakes 9 s for 5 minutes.
+            # The plan shows the scale beside the runbook's window, so a 9 s window is not read as 5 minutes.
             step.params = {**step.params, "time_scale": environment.monitor.time_scale}
     if step.kind == "nginx":
         _nginx(step, task, rollback)

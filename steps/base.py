@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 from bot.config import Environment
+from bot.errors import StepError
 from bot.plan import Step
 
 OutputCallback = Callable[[str], None]
@@ -154,6 +155,40 @@ def http_failure_key(prefix: str, status: int) -> str:
     if status in _HTTP_FAILURES:
         return f"{prefix}.{_HTTP_FAILURES[status]}"
     return f"{prefix}.server_error" if status >= 500 else f"{prefix}.rejected"
+
+
+async def send_json(session, method: str, url: str, *, token: str, json_body: Any, timeout_seconds: float,
+                    prefix: str, **params: Any) -> tuple[int, Any]:
+    """Send one request with a Bearer token; return the status and the JSON body (None when the body is not JSON).
+
+    A timeout, a refused connection or another client error raises StepError
+    with `{prefix}.timed_out`, `.connection_failed` or `.request_failed`, and
+    params. The caller decides which statuses are failures.
+    """
+    import aiohttp
+
+    headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
+    try:
+        async with session.request(method, url, json=json_body, headers=headers,
+                                   timeout=aiohttp.ClientTimeout(total=timeout_seconds)) as response:
+            try:
+                body = await response.json(content_type=None)
+            except ValueError:
+                body = None
+            return response.status, body
+    except asyncio.TimeoutError:
+        raise StepError(f"{prefix}.timed_out", method=method, url=url, seconds=timeout_seconds, **params) from None
+    except aiohttp.ClientConnectorError as error:
+        raise StepError(f"{prefix}.connection_failed", method=method, url=url, error=_describe(error),
+                        **params) from None
+    except aiohttp.ClientError as error:
+        raise StepError(f"{prefix}.request_failed", method=method, url=url, error=_describe(error),
+                        **params) from None
+
+
+def _describe(error: Exception) -> str:
+    text = str(error)
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 async def sleep_until_cancelled() -> None:

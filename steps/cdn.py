@@ -27,7 +27,6 @@ update or a delete. The token never appears in output, errors or data.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import re
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 from bot.errors import StepError
 from bot.i18n import translate
 from bot.plan import Step
-from steps.base import BaseExecutor, StepContext, StepResult, http_failure_key
+from steps.base import BaseExecutor, StepContext, StepResult, http_failure_key, send_json
 
 if TYPE_CHECKING:
     import aiohttp
@@ -78,29 +77,8 @@ class CloudflareClient:
         return body["result"]
 
     async def call(self, method: str, url: str, json_body: Any = None, allow_missing: bool = False) -> tuple[int, Any]:
-        import aiohttp
-
-        headers = {"Authorization": f"Bearer {self.token}", "Accept": "application/json"}
-        try:
-            async with self.session.request(
-                method, url, json=json_body, headers=headers,
-                timeout=aiohttp.ClientTimeout(total=self.timeout_seconds),
-            ) as response:
-                status = response.status
-                try:
-                    body = await response.json(content_type=None)
-                except ValueError:
-                    body = None
-        except asyncio.TimeoutError:
-            raise StepError("cdn.timed_out", method=method, url=url, ref=self.ref,
-                            seconds=self.timeout_seconds) from None
-        except aiohttp.ClientConnectorError as error:
-            raise StepError("cdn.connection_failed", method=method, url=url, ref=self.ref,
-                            error=_describe(error)) from None
-        except aiohttp.ClientError as error:
-            raise StepError("cdn.request_failed", method=method, url=url, ref=self.ref,
-                            error=_describe(error)) from None
-
+        status, body = await send_json(self.session, method, url, token=self.token, json_body=json_body,
+                                       timeout_seconds=self.timeout_seconds, prefix="cdn", ref=self.ref)
         if 200 <= status < 300 and isinstance(body, dict) and body.get("success") is not False:
             return status, body
         if allow_missing and status == 404 and ENTRYPOINT_NOT_FOUND_CODE in _error_codes(body):
@@ -378,7 +356,3 @@ def _error_text(body: Any) -> str:
             return "; ".join(parts)
     return "-"
 
-
-def _describe(error: Exception) -> str:
-    text = str(error)
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__

@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import io
-import os
 import re
-import secrets
-import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +21,7 @@ from bot.errors import StepError
 from bot.i18n import translate
 from bot.plan import Step
 from steps.base import BaseExecutor, StepContext, StepResult
+from steps.files import fsync_directory, replace_file
 
 KEY_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Values made only of these characters are written without quotes.
@@ -35,8 +33,6 @@ LEADING_BLANK_LINES = re.compile(r"(?:[^\S\r\n]*(?:\r\n|\n|\r))*")
 LEADING_WHITESPACE = re.compile(r"\s*")
 EXPORT_PREFIX = re.compile(r"export[^\S\r\n]+")
 LINE_END = re.compile(r"(?:\r\n|\n|\r)$")
-# Mode of a new file before the umask applies, as `touch` creates it.
-NEW_FILE_MODE = 0o666
 
 
 class EnvExecutor(BaseExecutor):
@@ -288,49 +284,11 @@ def _encode(text: str) -> bytes:
 
 
 def write_atomically(path: Path, data: bytes) -> None:
-    """Replace the file's content in one step: write a temp file beside it, fsync, rename.
-
-    An existing file keeps its mode, and its owner when the process may set
-    it. A symlink stays a link and its target is replaced.
-    """
-    target = path.resolve() if path.is_symlink() else path
+    """Replace the file's content in one step, keeping its mode, owner and symlink (see replace_file)."""
     try:
-        current = target.stat()
-    except FileNotFoundError:
-        current = None
+        replace_file(path, data)
     except OSError as error:
         raise StepError("env.write_failed", file=str(path), error=_os_error(error)) from None
-
-    temp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        mode = stat.S_IMODE(current.st_mode) if current else NEW_FILE_MODE
-        descriptor = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-        with os.fdopen(descriptor, "wb") as handle:
-            if current is not None:
-                # os.open applied the umask, but an existing file keeps its exact mode.
-                os.fchmod(handle.fileno(), mode)
-                _copy_owner(handle.fileno(), current)
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, target)
-    except OSError as error:
-        temp.unlink(missing_ok=True)
-        raise StepError("env.write_failed", file=str(path), error=_os_error(error)) from None
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    _fsync_directory(target.parent)
-
-
-def _copy_owner(descriptor: int, current: os.stat_result) -> None:
-    if (current.st_uid, current.st_gid) == (os.getuid(), os.getgid()):
-        return
-    try:
-        os.fchown(descriptor, current.st_uid, current.st_gid)
-    except PermissionError:
-        # Only root may give a file away, so the new file keeps this user as owner.
-        pass
 
 
 def _remove_file(path: Path) -> None:
@@ -338,21 +296,7 @@ def _remove_file(path: Path) -> None:
         path.unlink()
     except OSError as error:
         raise StepError("env.write_failed", file=str(path), error=_os_error(error)) from None
-    _fsync_directory(path.parent)
-
-
-def _fsync_directory(directory: Path) -> None:
-    # Makes the rename durable. Some file systems do not support fsync on a directory.
-    try:
-        descriptor = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
+    fsync_directory(path.parent)
 
 
 def _os_error(error: OSError) -> str:

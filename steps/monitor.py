@@ -282,6 +282,8 @@ class _Watch:
         started = loop.time()
         # Datadog takes whole seconds, so the counts of the second the window starts in
         # are read once now and subtracted from every later total.
+        # NOTE: points that reach Datadog late (the sandbox generator posts 1-2 s late) are
+        # missing from this baseline, so up to about a second from before the window can count in it.
         first_second = math.floor(started_at)
         baseline = await self._totals(first_second, math.ceil(started_at))
         previous = dict(baseline)

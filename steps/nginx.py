@@ -60,11 +60,9 @@ import asyncio
 import hashlib
 import json
 import os
-import secrets
 import shlex
 import shutil
 import signal
-import stat
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +73,7 @@ from bot.errors import StepError
 from bot.i18n import translate
 from bot.plan import Step
 from steps.base import BaseExecutor, StepContext, StepResult
+from steps.files import replace_file
 
 ACTIONS = ("insert", "restore", "reload")
 DEFAULT_VALIDATE = "nginx -t"
@@ -578,48 +577,18 @@ def read_backup_index(artifacts_dir: Path) -> dict[str, str]:
 
 
 def _write_file(path: Path, data: bytes) -> None:
-    temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
-        with open(temp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
+        replace_file(path, data)
     except OSError as error:
-        temp.unlink(missing_ok=True)
         raise StepError("nginx.backup_failed", backup=str(path), error=_os_error(error)) from None
 
 
 def write_atomically(path: Path, data: bytes, runbook_file: str) -> None:
-    """Replace the file with a temp file written beside it, keeping its mode and owner."""
-    target = path.resolve() if path.is_symlink() else path
+    """Replace the file's content in one step, keeping its mode, owner and symlink (see replace_file)."""
     try:
-        current = target.stat()
-    except FileNotFoundError:
-        current = None
+        replace_file(path, data, new_file_mode=NEW_FILE_MODE)
     except OSError as error:
         raise StepError("nginx.write_failed", path=str(path), file=runbook_file, error=_os_error(error)) from None
-    temp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        mode = stat.S_IMODE(current.st_mode) if current else NEW_FILE_MODE
-        descriptor = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-        with os.fdopen(descriptor, "wb") as handle:
-            os.fchmod(handle.fileno(), mode)
-            if current is not None and (current.st_uid, current.st_gid) != (os.getuid(), os.getgid()):
-                try:
-                    os.fchown(handle.fileno(), current.st_uid, current.st_gid)
-                except PermissionError:
-                    pass
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, target)
-    except OSError as error:
-        temp.unlink(missing_ok=True)
-        raise StepError("nginx.write_failed", path=str(path), file=runbook_file, error=_os_error(error)) from None
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
 
 
 def _read(path: Path, runbook_file: str, context: StepContext) -> bytes:

@@ -30,7 +30,6 @@ with that reason and leaves the release in place.
 
 from __future__ import annotations
 
-import asyncio
 import re
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -38,7 +37,7 @@ from urllib.parse import quote
 from bot.errors import StepError
 from bot.i18n import translate
 from bot.plan import Step
-from steps.base import BaseExecutor, StepContext, StepResult, http_failure_key
+from steps.base import BaseExecutor, StepContext, StepResult, http_failure_key, send_json
 
 if TYPE_CHECKING:
     import aiohttp
@@ -78,27 +77,9 @@ class SentryApi:
     async def call(self, method: str, url: str, json_body: Any = None,
                    accept: tuple[int, ...] = ()) -> tuple[int, Any]:
         """Send one request; a status in `accept` is returned instead of raised."""
-        import aiohttp
-
-        headers = {"Authorization": f"Bearer {self.token}", "Accept": "application/json"}
+        status, body = await send_json(self.session, method, url, token=self.token, json_body=json_body,
+                                       timeout_seconds=self.timeout, prefix="sentry", release=self.version)
         common = {"method": method, "url": url, "release": self.version}
-        try:
-            async with self.session.request(
-                method, url, json=json_body, headers=headers,
-                timeout=aiohttp.ClientTimeout(total=self.timeout),
-            ) as response:
-                status = response.status
-                try:
-                    body = await response.json(content_type=None)
-                except ValueError:
-                    body = None
-        except asyncio.TimeoutError:
-            raise StepError("sentry.timed_out", seconds=self.timeout, **common) from None
-        except aiohttp.ClientConnectorError as error:
-            raise StepError("sentry.connection_failed", error=_describe(error), **common) from None
-        except aiohttp.ClientError as error:
-            raise StepError("sentry.request_failed", error=_describe(error), **common) from None
-
         if 200 <= status < 300 or status in accept:
             return status, body
         raise self.failure(status, body, common)
@@ -253,7 +234,3 @@ def _detail(body: Any) -> str:
         return ", ".join(parts) or "-"
     return "-" if body is None else str(body)[:300]
 
-
-def _describe(error: Exception) -> str:
-    text = str(error)
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__

@@ -53,11 +53,8 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
 import re
-import secrets
 import shlex
-import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +64,7 @@ from bot.errors import StepError
 from bot.i18n import translate
 from bot.plan import Step
 from steps.base import BaseExecutor, OutputBuffer, StepContext, StepResult
+from steps.files import replace_file
 
 if TYPE_CHECKING:
     from bot.config import Environment, TrafficSettings
@@ -336,29 +334,10 @@ async def _set_nginx_weight(context: StepContext, settings: TrafficSettings, wei
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
-    """Replace the file with a temp file written beside it, keeping its mode."""
-    target = path.resolve() if path.is_symlink() else path
     try:
-        mode = stat.S_IMODE(target.stat().st_mode)
-    except FileNotFoundError:
-        mode = NEW_FILE_MODE
+        replace_file(path, data, new_file_mode=NEW_FILE_MODE)
     except OSError as error:
         raise StepError("traffic.write_failed", path=str(path), error=_os_error(error)) from None
-    temp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        descriptor = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-        with os.fdopen(descriptor, "wb") as handle:
-            os.fchmod(handle.fileno(), mode)
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, target)
-    except OSError as error:
-        temp.unlink(missing_ok=True)
-        raise StepError("traffic.write_failed", path=str(path), error=_os_error(error)) from None
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
 
 
 # -- kubernetes ------------------------------------------------------------------

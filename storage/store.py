@@ -39,7 +39,7 @@ def owner_id() -> str:
 
 
 def lease_held(run: RunRecord, now: float | None = None) -> bool:
-    """Return whether a live owner holds the run: its heartbeat is recent and its process still exists."""
+    """Return whether a live owner has the run's lease: its heartbeat is recent and its process still exists."""
     if not run.owner:
         return False
     now = time.time() if now is None else now
@@ -431,6 +431,14 @@ class Store:
         async with self.engine.connect() as connection:
             result = await connection.execute(select(events).where(events.c.run_id == run_id).order_by(events.c.id))
             return [dict(row) for row in result.mappings().all()]
+
+    async def last_event(self, run_id: str, event_type: str) -> dict | None:
+        """Return the run's most recent event of a type, or None."""
+        query = (select(events).where(and_(events.c.run_id == run_id, events.c.type == event_type))
+                 .order_by(events.c.id.desc()).limit(1))
+        async with self.engine.connect() as connection:
+            row = (await connection.execute(query)).mappings().first()
+        return dict(row) if row else None
 
     async def count_events(self, run_id: str) -> int:
         async with self.engine.connect() as connection:

@@ -86,3 +86,20 @@ def home(tmp_path) -> Path:
     path = tmp_path / "home"
     path.mkdir()
     return path
+
+
+@pytest.fixture
+def sandbox(tmp_path):
+    """Start a sandbox with its own home and database; yield (home, env, database URL)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    database = f"postmerge_e2e_{uuid.uuid4().hex[:10]}"
+    env = cli_env(home, POSTMERGE_SANDBOX_DB=database, POSTMERGE_SANDBOX_PG_URL=PG_ADMIN_URL)
+    result = run_cli("sandbox", "up", home=home, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    base = PG_ADMIN_URL.rsplit("/", 1)[0]
+    try:
+        yield home, env, f"{base}/{database}"
+    finally:
+        run_cli("sandbox", "down", "--purge", home=home, env=env)
+        drop_database(database)

@@ -9,32 +9,14 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import asyncpg
 import pytest
 
-from conftest import PG_ADMIN_URL, REAL_RUNBOOK, cli_env, create_database, drop_database, run_cli
+from conftest import REAL_RUNBOOK, create_database, drop_database, run_cli
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def sandbox(tmp_path):
-    """Start a sandbox with its own home and database; yield (home, env, database URL)."""
-    home = tmp_path / "home"
-    home.mkdir()
-    database = f"postmerge_e2e_{uuid.uuid4().hex[:10]}"
-    env = cli_env(home, POSTMERGE_SANDBOX_DB=database, POSTMERGE_SANDBOX_PG_URL=PG_ADMIN_URL)
-    result = run_cli("sandbox", "up", home=home, env=env)
-    assert result.returncode == 0, result.stdout + result.stderr
-    base = PG_ADMIN_URL.rsplit("/", 1)[0]
-    try:
-        yield home, env, f"{base}/{database}"
-    finally:
-        run_cli("sandbox", "down", "--purge", home=home, env=env)
-        drop_database(database)
 
 
 def copy_runbook(home: Path) -> Path:

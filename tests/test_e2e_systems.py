@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli
-from test_e2e_sandbox import copy_runbook, sandbox  # noqa: F401 - the fixture is used by name
+from test_e2e_sandbox import copy_runbook
 
 pytestmark = pytest.mark.slow
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli
-from test_e2e_sandbox import copy_runbook, events_of, sandbox  # noqa: F401 - the fixture is used by name
+from test_e2e_sandbox import copy_runbook, events_of
 from test_e2e_systems import sandbox_state
 
 pytestmark = pytest.mark.slow

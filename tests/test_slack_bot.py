@@ -236,7 +236,7 @@ def spawn_serve(tmp_path: Path, slack: SlackEmulator, port: int, **extra: str):
 
 
 async def wait_until_serving(client: Bot, seconds: float = 20) -> None:
-    """Poll with `help` until the bot answers."""
+    """Send `help` until the bot responds."""
     deadline = time.monotonic() + seconds
     while True:
         try:

@@ -92,7 +92,7 @@ async def test_empty_app_token_counts_as_unset(tmp_path):
             sys.executable, "-m", "bot.cli", "serve", "--port", str(port), cwd=tmp_path, env=env,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         try:
-            # No runbooks folder here: the bot warns, then says where it listens.
+            # No runbooks folder here: the bot prints a warning, then the address it listens on.
             warning = await asyncio.wait_for(process.stdout.readline(), 20)
             assert f"runbook folders not found: {tmp_path / 'runbooks'}" in warning.decode()
             line = await asyncio.wait_for(process.stdout.readline(), 20)

@@ -570,7 +570,7 @@ class KubeApiEmulator:
             if method == "POST":
                 body = await _read_body(request)
                 return web.json_response(self._create(resource, namespace, body, request.query), status=201)
-            raise ApiError(405, f"the server does not allow this method on the requested resource")
+            raise ApiError(405, "the server does not allow this method on the requested resource")
         if subresource == "log" and resource is PODS and method == "GET":
             return self._log(namespace, name, request.query)
         if subresource == "scale" and resource is DEPLOYMENTS:
@@ -698,7 +698,7 @@ class KubeApiEmulator:
         elif content_type == "application/merge-patch+json":
             merged = merge_patch(current, patch)
         else:
-            raise ApiError(415, f"the body of the request was in an unknown format - accepted media types include: "
+            raise ApiError(415, "the body of the request was in an unknown format - accepted media types include: "
                            "application/json-patch+json, application/merge-patch+json, "
                            "application/apply-patch+yaml, application/strategic-merge-patch+json")
         manager = request.query.get("fieldManager") or "kubectl-patch"
@@ -1215,7 +1215,7 @@ class KubeApiEmulator:
 
 
 def green_deployment() -> dict:
-    """The seed: the Green (v1) Deployment `api` that serves traffic before the migration."""
+    """Return the Green (v1) Deployment `api`, which the emulator starts with and which serves traffic before v2."""
     labels = {"app": "api", "version": "v1"}
     return {
         "apiVersion": "apps/v1",

@@ -7,11 +7,11 @@ by its base URL alone:
     Datadog     http://127.0.0.1:PORT/datadog                (DatadogSettings.api_url, the client's host)
     Sentry      http://127.0.0.1:PORT/sentry/api/0           (SentrySettings.api_url)
 
-The request paths, JSON field names, status codes and error bodies follow the
-public API references: Cloudflare API v4 (Rulesets API, the zone
-`http_request_cache_settings` phase), Datadog API v1 (dashboards, monitors,
-metrics query) as the datadog-api-client 2.62 models read them, and Sentry
-API 0 (organization releases and deploys). Only the operations the steps use
+The request paths, JSON field names, status codes and error bodies follow
+the public API references. For Cloudflare that is API v4: the Rulesets API
+and the zone's `http_request_cache_settings` phase. For Datadog it is API v1
+(dashboards, monitors, metrics query), as the datadog-api-client 2.62 models
+read it. For Sentry it is API 0: organization releases and deploys. Only the operations the steps use
 are emulated.
 
 Tests run it in-process:
@@ -48,7 +48,7 @@ import re
 import secrets
 import signal
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
