@@ -69,6 +69,11 @@ def build_parser(locale: str) -> argparse.ArgumentParser:
     rollback.add_argument("run_id", help=t("cli.help_run_id"))
     rollback.add_argument("--yes", action="store_true", help=t("cli.help_yes"))
 
+    emergency = commands.add_parser("emergency", help=t("cli.help_emergency"))
+    emergency.add_argument("run_id", help=t("cli.help_run_id"))
+    emergency.add_argument("number", type=int, help=t("cli.help_emergency_number"))
+    emergency.add_argument("--yes", action="store_true", help=t("cli.help_yes"))
+
     serve = commands.add_parser("serve", help=t("cli.help_serve"))
     serve.add_argument("--port", type=int, default=3000, help=t("cli.help_port"))
 

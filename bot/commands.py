@@ -228,6 +228,8 @@ async def run_async_command(args: argparse.Namespace, console: Console, locale: 
             return await abort_command(args, console, locale, store)
         if args.command == "rollback":
             return await rollback_command(args, console, locale, settings, store)
+        if args.command == "emergency":
+            return await emergency_command(args, console, locale, settings, store)
     finally:
         await store.close()
     raise UsageError("cli.unknown_command", command=args.command)
@@ -291,6 +293,16 @@ async def resume_command(args, console: Console, locale: str, settings: Settings
     plan = Plan.model_validate(run.plan)
     engine = _engine(settings, store, environment, locale, console, yes=args.yes,
                      runbook_path=Path(run.runbook_path), language=plan.language, on_interrupted=args.on_interrupted)
+    incident = await store.incident_of_run(run.id)
+    if incident is not None and incident.open and incident.reason != "interrupted" and run.status != "paused":
+        # A resume is the incident's retry (or re-run): recorded once, so Slack's buttons say who chose it.
+        action = "rerun" if args.phase is not None else "retry"
+        if incident.action is None:
+            won, incident = await store.take_incident_action(incident.id, incident.round, action, engine.actor)
+        if incident.action not in ("retry", "rerun", "skip"):
+            raise UsageError("incident.acted_already", incident_id=incident.id,
+                             action=translate(f"incident.action_{incident.action}", locale),
+                             actor=incident.action_by or "-", at=_when(incident.action_at))
     if args.phase is not None:
         # "修正後、Phase 6を再実行": the whole phase runs again from its first step.
         await engine.reopen_phase(run.id, args.phase)
@@ -302,33 +314,90 @@ async def resume_command(args, console: Console, locale: str, settings: Settings
 
 
 async def rollback_command(args, console: Console, locale: str, settings: Settings, store) -> int:
-    from bot.rollback import build_rollback_plan
+    from bot.plan import Plan
+    from bot.rollback import build_rollback_plan, rollback_steps
     from bot.terminal import terminal_actor
 
     run = await store.get_run(args.run_id)
     environment = resolve_environment(settings, None if run.environment == "default" else run.environment, locale)
+    actor = terminal_actor()
+    incident = await store.incident_of_run(run.id)
+    if incident is not None and incident.open and incident.rollback_run_id is not None:
+        rollback = await store.get_run(incident.rollback_run_id)
+        if rollback.active or rollback.status == "completed":
+            raise UsageError("cli.rollback_exists", run_id=run.id, rollback_id=rollback.id,
+                             actor=incident.action_by or "-", status=translate(f"status.{rollback.status}", locale))
+    if incident is not None and incident.open and incident.action not in (None, "rollback"):
+        from bot import incidents
+
+        incidents.check_action(incident, Plan.model_validate(run.plan), "rollback")
     records = await store.steps(run.id)
     rollback_plan = build_rollback_plan(run, records, translate("rollback.inverse_title", locale))
     engine = _engine(settings, store, environment, locale, console, yes=args.yes,
                      runbook_path=Path(run.runbook_path), language=rollback_plan.language)
-    steps = [step for group in rollback_plan.rollback for step in group.steps]
+    steps = rollback_steps(rollback_plan)
     if not args.yes and not await _confirm_rollback(console, locale, run.id, steps):
         console.print(Text(translate("cli.rollback_cancelled", locale, run_id=run.id)), style="yellow")
         return EXIT_USAGE
-    rollback_id = await engine.start(rollback_plan, started_by=terminal_actor(), kind="rollback",
+    if incident is not None and incident.open and incident.action is None:
+        # Recorded on the incident, so its Slack buttons say who chose the rollback instead of starting another.
+        won, incident = await store.take_incident_action(incident.id, incident.round, "rollback", actor)
+        if not won and incident.action != "rollback":
+            raise UsageError("incident.acted_already", incident_id=incident.id,
+                             action=translate(f"incident.action_{incident.action}", locale),
+                             actor=incident.action_by or "-", at=_when(incident.action_at))
+    rollback_id = await engine.start(rollback_plan, started_by=actor, kind="rollback",
                                      parent_run_id=run.id, steps=steps)
+    if incident is not None and incident.open:
+        await store.update_incident(incident.id, rollback_run_id=rollback_id, event_type="incident.rollback_started",
+                                    actor=actor, event_data={"rollback_run_id": rollback_id})
     console.print(Text(translate("cli.rollback_created", locale, run_id=rollback_id, parent=run.id), style="dim"))
     outcome = await engine.drive(rollback_id)
     return outcome.exit_code
 
 
-async def _confirm_rollback(console: Console, locale: str, run_id: str, steps) -> bool:
-    """Show the rollback steps and ask whether to start them."""
+async def emergency_command(args, console: Console, locale: str, settings: Settings, store) -> int:
+    """Carry out the emergency action e.N that the run's runbook lists under 緊急時."""
+    from bot.rollback import build_emergency_plan, rollback_steps
+    from bot.terminal import terminal_actor
+
+    run = await store.get_run(args.run_id)
+    if run.kind != "run":
+        raise UsageError("rollback.not_a_forward_run", run_id=run.id)
+    environment = resolve_environment(settings, None if run.environment == "default" else run.environment, locale)
+    plan = build_emergency_plan(run, args.number, translate("incident.emergency_title", locale))
+    steps = rollback_steps(plan)
+    engine = _engine(settings, store, environment, locale, console, yes=args.yes,
+                     runbook_path=Path(run.runbook_path), language=plan.language)
+    if not args.yes and not await _confirm_rollback(console, locale, run.id, steps, heading="cli.emergency_steps"):
+        console.print(Text(translate("cli.emergency_cancelled", locale, run_id=run.id)), style="yellow")
+        return EXIT_USAGE
+    actor = terminal_actor()
+    incident = await store.incident_of_run(run.id)
+    emergency_id = await engine.start(plan, started_by=actor, kind="emergency", parent_run_id=run.id, steps=steps)
+    if incident is not None and incident.open:
+        await store.append_event(run.id, "incident.emergency", actor=actor,
+                                 data={"incident": incident.id, "step_id": steps[0].id})
+    console.print(Text(translate("cli.emergency_created", locale, run_id=emergency_id, parent=run.id,
+                                 step_id=steps[0].id), style="dim"))
+    outcome = await engine.drive(emergency_id)
+    return outcome.exit_code
+
+
+def _when(timestamp: float | None) -> str:
+    return datetime.fromtimestamp(timestamp or 0).strftime("%Y-%m-%d %H:%M:%S")
+
+
+async def _confirm_rollback(console: Console, locale: str, run_id: str, steps, *,
+                            heading: str = "cli.rollback_steps") -> bool:
+    """Show the rollback (or emergency) steps and ask whether to start them."""
     from bot.terminal import StdinLines
 
-    console.print(Text(translate("cli.rollback_steps", locale, run_id=run_id), style="bold"))
+    console.print(Text(translate(heading, locale, run_id=run_id), style="bold"))
     for step in steps:
         mode = translate("plan.automated" if step.automated else "plan.manual", locale)
+        if step.requires_approval:
+            mode += " + " + translate("plan.approval", locale)
         console.print(Text(f"  {step.id}  [{step.kind}, {mode}]  {step.title}"), highlight=False)
         command = step.run_command or (step.commands[0] if step.commands else None)
         if command:
@@ -369,18 +438,10 @@ async def abort_command(args, console: Console, locale: str, store) -> int:
         return EXIT_FAILED
     # No live process owns the run, so the abort takes effect here, including
     # on step processes that outlived the process that started them.
-    from steps.shell import group_alive, stop_group
+    from bot.engine import abort_unowned
 
-    for record in await store.steps(run.id):
-        pgid = (record.data or {}).get("pgid")
-        if record.status in ("running", "interrupted") and pgid and group_alive(pgid, record.data.get("pid_start")):
-            console.print(Text(translate("cli.abort_stopping_process", locale, step_id=record.step_id, pgid=pgid)))
-            await stop_group(int(pgid), 10.0)
-            await store.update_step(run.id, record.step_id, status="interrupted", event_type="step.orphan_stopped",
-                                    actor=actor, event_data={"pgid": pgid})
-    await store.update_run(run.id, status="aborted", finished_at=time.time(),
-                           error=translate("engine.aborted_by", locale, actor=actor),
-                           event_type="run.aborted", actor=actor)
+    await abort_unowned(store, run, actor, locale, on_stop=lambda step_id, pgid: console.print(
+        Text(translate("cli.abort_stopping_process", locale, step_id=step_id, pgid=pgid))))
     console.print(Text(translate("cli.abort_done", locale, run_id=run.id, status=translate("status.aborted", locale))))
     return EXIT_OK
 
@@ -397,6 +458,7 @@ async def status_command(args, console: Console, locale: str, store) -> int:
         # A running or waiting run whose process is gone needs `postmerge resume`.
         orphaned = run.status in ("running", "waiting") and not owner_alive(run.owner)
         traffic = await store.last_event(run.id, "traffic.changed")
+        incident = await store.incident_of_run(run.id) if run.kind == "run" else None
         rows.append({
             "id": run.id,
             "kind": run.kind,
@@ -418,6 +480,11 @@ async def status_command(args, console: Console, locale: str, store) -> int:
             "orphaned": orphaned,
             # Blue's (v2's) share of traffic after the run's last traffic change, if it made one.
             "traffic_weight": (traffic["data"] or {}).get("weight") if traffic else None,
+            "incident": None if incident is None else {
+                "id": incident.id, "status": incident.status, "reason": incident.reason, "round": incident.round,
+                "action": incident.action, "action_by": incident.action_by, "resolution": incident.resolution,
+                "closed_by": incident.closed_by, "rollback_run_id": incident.rollback_run_id,
+            },
         })
     if args.json:
         print(json.dumps({"runs": rows}, ensure_ascii=False, indent=2))
@@ -437,6 +504,8 @@ async def status_command(args, console: Console, locale: str, store) -> int:
             phase += " " + t("status.failed_at", step=row["failed_step"])
         if row["traffic_weight"] is not None:
             phase += " " + t("status.traffic", weight=row["traffic_weight"])
+        if row["incident"] is not None:
+            phase += " " + incident_summary(row["incident"], locale)
         kind = "" if row["kind"] == "run" else f" ↩ {row['parent_run_id']}"
         state = t(f"status.{row['status']}")
         if row["orphaned"]:
@@ -446,6 +515,19 @@ async def status_command(args, console: Console, locale: str, store) -> int:
                       datetime.fromtimestamp(row["created_at"]).strftime("%m-%d %H:%M"))
     console.print(table)
     return EXIT_OK
+
+
+def incident_summary(incident: dict, locale: str) -> str:
+    """Describe a run's incident in one phrase for `status`: open and what was chosen, or how it closed."""
+    if incident["status"] == "open":
+        if incident["action"]:
+            return translate("status.incident_acting", locale, incident_id=incident["id"],
+                             action=translate(f"incident.action_{incident['action']}", locale),
+                             actor=incident["action_by"] or "-")
+        return translate("status.incident_open", locale, incident_id=incident["id"],
+                         reason=translate(f"incident.reason_{incident['reason']}", locale))
+    return translate("status.incident_closed", locale, incident_id=incident["id"],
+                     resolution=translate(f"incident.resolution_{incident['resolution']}", locale))
 
 
 async def serve_command(args, console: Console, settings: Settings) -> int:

@@ -204,6 +204,10 @@ class Environment(BaseModel):
     starters: list[str] = Field(default_factory=list)
     approvers: list[str] = Field(default_factory=list)
     allow_self_approval: bool = False
+    # Who may press an incident's buttons (roll back, emergency actions, retry, skip,
+    # acknowledge); empty means the approvers. And who the incident message mentions.
+    incident_responders: list[str] = Field(default_factory=list)
+    oncall: list[str] = Field(default_factory=list)
     # How long an approval waits in Slack before a reminder is posted and the run pauses.
     approval_timeout_seconds: float = Field(default=1800, gt=0)
     runbook_dir: Path | None = None
@@ -258,7 +262,11 @@ class Environment(BaseModel):
 
 
 def load_environments(settings: Settings) -> dict[str, Environment]:
-    """Read the environments of postmerge.toml and add the sandbox if it is up."""
+    """Read the environments of postmerge.toml and add the sandbox if it is up.
+
+    When the file has its own [environments.sandbox] and the sandbox is up,
+    the file's values are laid over the sandbox's.
+    """
     environments: dict[str, Environment] = {}
     path = settings.config
     if path is None and Path("postmerge.toml").is_file():
@@ -266,12 +274,18 @@ def load_environments(settings: Settings) -> dict[str, Environment]:
     if path is not None:
         environments.update(_read_config_file(path))
 
-    if SANDBOX not in environments:
-        from bot.sandbox import sandbox_environment
+    from bot.sandbox import sandbox_environment
 
-        sandbox = sandbox_environment(settings.home)
-        if sandbox is not None:
+    sandbox = sandbox_environment(settings.home)
+    if sandbox is not None:
+        configured = environments.get(SANDBOX)
+        if configured is None:
             environments[SANDBOX] = sandbox
+        else:
+            # [environments.sandbox] in the file adds to the running sandbox, for example
+            # its Slack channels and responders; what it sets wins.
+            environments[SANDBOX] = sandbox.model_copy(update={
+                name: getattr(configured, name) for name in configured.model_fields_set if name != "name"})
 
     return environments
 

@@ -108,20 +108,27 @@ class Engine:
             started_by=started_by,
             kind=kind,
             parent_run_id=parent_run_id,
+            # An emergency action must run even while another run of the runbook holds the lock.
+            lock=kind != "emergency",
         )
 
-    async def reopen(self, run_id: str) -> bool:
+    async def reopen(self, run_id: str, *, skip_failed: bool = False) -> bool:
         """Make a failed run resumable, so its failed step runs again; return whether it was failed.
 
-        Only a run (not a rollback) that failed is reopened, and only while no
-        other run of the same runbook and environment is active.
+        With skip_failed, the failed step is marked skipped instead, and the
+        run goes on after it. A run or a rollback that failed is reopened,
+        only while no other run of the same runbook and environment is active.
         """
         run = await self.store.get_run(run_id)
-        if run.status != "failed" or run.kind != "run":
+        if run.status != "failed" or run.kind not in ("run", "rollback"):
             return False
         await self.store.take_lock(run.id)
+        if skip_failed and run.failed_step:
+            await self.store.update_step(run.id, run.failed_step, status="skipped", decided_by=self.actor,
+                                         event_type="step.skipped", actor=self.actor)
         await self.store.update_run(run.id, status="paused", error=None, failed_step=None, failed_phase=None,
-                                    finished_at=None, event_type="run.reopened", actor=self.actor)
+                                    finished_at=None, event_type="run.reopened", actor=self.actor,
+                                    event_data={"skipped": run.failed_step} if skip_failed else None)
         return True
 
     async def reopen_phase(self, run_id: str, phase: int) -> None:
@@ -183,7 +190,7 @@ class Engine:
             await self.store.release(run.id, self.owner)
 
     def _ordered_steps(self, run: RunRecord, plan: Plan) -> list[Step]:
-        if run.kind == "rollback":
+        if run.kind in ("rollback", "emergency"):
             return [step for group in plan.rollback for step in group.steps]
         return plan.steps()
 
@@ -275,7 +282,47 @@ class Engine:
                                         event_data={"rollback_run_id": run.id})
         await self._emit(f"run.{status}", run.id, plan, data={"error": error, "failed_step": failed_step,
                                                              "kind": run.kind, "parent_run_id": run.parent_run_id})
+        await self._update_incident(run, plan, status)
         return RunOutcome(run_id=run.id, status=status, error=error, failed_step=failed_step)
+
+    async def _update_incident(self, run: RunRecord, plan: Plan, status: str) -> None:
+        """Open, ask again or close the incident of a run that just ended."""
+        from bot import incidents
+
+        failed = self._failed_step
+        try:
+            if run.kind == "run" and status == "completed":
+                incident = await self.store.incident_of_run(run.id)
+                if incident is not None and incident.open:
+                    actor = incident.action_by or self.actor
+                    if await self.store.close_incident(incident.id, "retried", actor):
+                        await self._emit("incident.closed", run.id, plan,
+                                         data={"incident": incident.id, "resolution": "retried", "actor": actor})
+            elif run.kind == "run" and (status == "failed" or (
+                    status == "aborted" and incidents.traffic_phase(plan, (await self.store.get_run(run.id)).current_phase))):
+                incident, fresh = await incidents.open_for_run(self.store, run.id, status, failed)
+                if fresh:
+                    await self._emit("incident.opened", run.id, plan,
+                                     data={"incident": incident.id, "reason": incident.reason, "round": incident.round})
+            elif run.kind == "rollback" and run.parent_run_id:
+                parent = await self.store.incident_of_run(run.parent_run_id)
+                if parent is None or not parent.open:
+                    return
+                if status == "completed":
+                    if await self.store.close_incident(parent.id, "rolled_back", run.started_by):
+                        await self._emit("incident.closed", run.id, plan,
+                                         data={"incident": parent.id, "resolution": "rolled_back",
+                                               "actor": run.started_by, "parent_run_id": run.parent_run_id})
+                elif status in ("failed", "aborted"):
+                    opened = await incidents.open_for_failed_rollback(self.store, run, failed)
+                    if opened is not None and opened[1]:
+                        await self._emit("incident.opened", run.id, plan,
+                                         data={"incident": opened[0].id, "reason": opened[0].reason,
+                                               "round": opened[0].round, "parent_run_id": run.parent_run_id})
+        except PostmergeError:
+            raise
+        except Exception:  # noqa: BLE001 - the run's own state is committed; its incident is logged for a person
+            log.exception("run %s: the incident could not be recorded", run.id)
 
     # -- one step ---------------------------------------------------------
 
@@ -344,6 +391,9 @@ class Engine:
                               seconds=_format_seconds(context.timeout_seconds))
         except StepError as failure:
             status, error, exit_code = "failed", failure.render(self.locale), failure.exit_code
+            details = _failure_details(failure.params)
+            if details:
+                data["failure"] = details
         except asyncio.CancelledError:
             if self._abort_actor is None:
                 raise
@@ -522,6 +572,8 @@ class Engine:
             if not won:
                 answer = GateAnswer(row["decision"], row["decided_by"])
         else:
+            if run.kind == "run":
+                await self._open_interrupted_incident(run, plan, step, record)
             answer = await self._gate(run, plan, step, record.attempt, "interrupted")
 
         if answer.decision == "retry":
@@ -532,6 +584,18 @@ class Engine:
                                          finished_at=time.time(), event_type=f"step.{status}", actor=answer.actor)
             return _replace(record, status=status)
         raise RunAborted(answer.actor)
+
+    async def _open_interrupted_incident(self, run: RunRecord, plan: Plan, step: Step, record: StepRecord) -> None:
+        """Open an incident for an interrupted step that a person must decide, unless it was decided already."""
+        from bot import incidents
+
+        approval_id = await self.store.request_decision(run.id, step.id, record.attempt, "interrupted")
+        if (await self.store.get_decision(approval_id))["decision"] is not None:
+            return
+        incident, fresh = await incidents.open_for_interrupted(self.store, run.id, step, approval_id)
+        if fresh:
+            await self._emit("incident.opened", run.id, plan,
+                             data={"incident": incident.id, "reason": incident.reason, "round": incident.round})
 
     async def _running_groups(self, run: RunRecord) -> list[int]:
         """Return live process groups of steps of this run (or of the run it rolls back)."""
@@ -593,6 +657,27 @@ class Engine:
                 log.debug("run %s: output notifier failed", run_id, exc_info=True)
 
 
+async def abort_unowned(store: Store, run: RunRecord, actor: str, locale: str,
+                        on_stop=None) -> None:
+    """Abort a run that no live process drives: stop step processes that outlived their engine, then mark it aborted.
+
+    on_stop(step_id, pgid) is called before each process group is stopped, so a caller can say so.
+    """
+    from steps.shell import stop_group
+
+    for record in await store.steps(run.id):
+        pgid = (record.data or {}).get("pgid")
+        if record.status in ("running", "interrupted") and pgid and group_alive(pgid, record.data.get("pid_start")):
+            if on_stop is not None:
+                on_stop(record.step_id, pgid)
+            await stop_group(int(pgid), 10.0)
+            await store.update_step(run.id, record.step_id, status="interrupted", event_type="step.orphan_stopped",
+                                    actor=actor, event_data={"pgid": pgid})
+    await store.update_run(run.id, status="aborted", finished_at=time.time(),
+                           error=translate("engine.aborted_by", locale, actor=actor),
+                           event_type="run.aborted", actor=actor)
+
+
 def _uncancel() -> None:
     # The abort was handled here, so later awaits of this task must not see it again.
     task = asyncio.current_task()
@@ -604,6 +689,22 @@ def _replace(record: StepRecord, **values) -> StepRecord:
     from dataclasses import replace
 
     return replace(record, **values)
+
+
+def _failure_details(params: dict) -> dict:
+    """Keep the readings a failed step reported, for its incident; values that are not plain data are dropped."""
+    import json
+
+    details = {}
+    for key in ("readings", "window_readings", "thresholds", "traffic_reset_seconds"):
+        value = params.get(key)
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):
+            continue
+        if value is not None:
+            details[key] = value
+    return details
 
 
 def _format_seconds(seconds: float) -> str:

@@ -158,6 +158,17 @@ class RollbackGroupPlan(BaseModel):
     title: str
     source_line: int
     steps: list[Step] = Field(default_factory=list)
+    # The phase a line such as "修正後、Phase 6を再実行" says to run again once the cause is fixed.
+    rerun_phase: int | None = None
+
+
+class Link(BaseModel):
+    """A page the runbook names for people, such as a dashboard; emergency marks one listed under 緊急時."""
+
+    title: str
+    url: str
+    source_line: int
+    emergency: bool = False
 
 
 class Plan(BaseModel):
@@ -170,6 +181,7 @@ class Plan(BaseModel):
     verification: list[Step] = Field(default_factory=list)
     rollback: list[RollbackGroupPlan] = Field(default_factory=list)
     emergency: list[Step] = Field(default_factory=list)
+    links: list[Link] = Field(default_factory=list)
     # Runbook lines of the tasks a rollback plan undoes, unticked when it completes.
     undo_task_lines: list[int] = Field(default_factory=list)
 
@@ -201,8 +213,10 @@ class Plan(BaseModel):
                     "title": group.title,
                     "source_line": group.source_line,
                     "steps": [step.contract() for step in group.steps],
+                    "rerun_phase": group.rerun_phase,
                 }
                 for group in self.rollback
             ],
             "emergency": [step.contract() for step in self.emergency],
+            "links": [link.model_dump() for link in self.links],
         }

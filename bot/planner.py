@@ -23,7 +23,7 @@ from bot import system_steps
 from bot.config import Environment, default_environment
 from bot.durations import DurationError, parse_duration
 from bot.model import Problem, Runbook, RollbackLine, Severity, Task
-from bot.plan import Plan, PlanPhase, RollbackGroupPlan, Step, TaskMatch
+from bot.plan import Link, Plan, PlanPhase, RollbackGroupPlan, Step, TaskMatch
 
 SIMILARITY_THRESHOLD = 0.5
 
@@ -44,6 +44,10 @@ _MONITOR = re.compile(r"^(?:監視|モニタリング|monitor(?:ing)?|watch)\s*[
 _APPROVAL_LINE = re.compile(r"^(?:承認|approval|approve|get approval)", re.I)
 _SEND = re.compile(r"メール送信|通知送信|お知らせ送信|通知メール|send\b.*\b(?:e-?mail|notice|notification)|(?:e-?mail|notice|notification)\s+send|\bnotify\b", re.I)
 _PLACEHOLDER = re.compile(r"<[A-Za-z_][\w-]*>")
+_RERUN_PHASE = re.compile(r"phase\s*(?P<number>\d+)\s*を?\s*(?:再実行|やり直)|re-?run\s+(?:of\s+)?phase\s*(?P<english>\d+)",
+                          re.I)
+_DASHBOARD = re.compile(r"dashboard|ダッシュボード|grafana|kibana", re.I)
+_URL = re.compile(r"https?://[^\s`)>]+")
 _SIGNAL_RUNNING = re.compile(r"^kill\s+-(?:INT|TERM|SIGINT|SIGTERM|2|15)\s+<pid>$")
 _SQL = re.compile(r"^\s*(?:select|with|show|explain)\b", re.I)
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -172,7 +176,13 @@ class Planner:
 
         for index, group in enumerate(runbook.rollback, start=1):
             steps = []
+            rerun_phase = None
             for rollback_line in group.lines:
+                rerun = _RERUN_PHASE.search(unicodedata.normalize("NFKC", rollback_line.text))
+                if rerun and not rollback_line.commands:
+                    # Not a step of the rollback: the incident offers a button that runs the phase again.
+                    rerun_phase = int(rerun.group("number") or rerun.group("english"))
+                    continue
                 steps.append(self._rollback_step(rollback_line))
             plan.rollback.append(
                 RollbackGroupPlan(
@@ -180,10 +190,32 @@ class Planner:
                     title=group.title,
                     source_line=group.line,
                     steps=self._number(steps, f"r{index}", None),
+                    rerun_phase=rerun_phase,
                 )
             )
         plan.emergency = self._number([self._rollback_step(line) for line in runbook.emergency], "e", None)
+        plan.links = self._links()
         return plan
+
+    def _links(self) -> list[Link]:
+        """Collect the dashboards the runbook names: every URL under 緊急時 first, then dashboard URLs of tasks."""
+        links: list[Link] = []
+        seen: set[str] = set()
+        for line in self.runbook.emergency:
+            for url in ([line.url] if line.url else _URL.findall(line.text)):
+                if url not in seen:
+                    seen.add(url)
+                    title = re.split(r"[:：]", line.text.replace("`", ""), maxsplit=1)[0].strip() or url
+                    links.append(Link(title=title, url=url, source_line=line.line, emergency=True))
+        for task in self.runbook.tasks:
+            for attribute in task.attributes:
+                for url in _URL.findall(attribute.value):
+                    if not _DASHBOARD.search(f"{url} {task.title} {task.text}"):
+                        continue
+                    if url not in seen:
+                        seen.add(url)
+                        links.append(Link(title=task.title, url=url, source_line=attribute.line))
+        return links
 
     def _number(self, steps: list[Step], prefix: str, phase: int | None) -> list[Step]:
         ids: dict[int, str] = {}

@@ -1,12 +1,15 @@
-"""Build the plan of a rollback run from the run it undoes.
+"""Build the plan of a rollback run from the run it undoes, and of an emergency action.
 
 A rollback runs the runbook's rollback groups that cover the phase the run
 failed in. Before them come the inverses of the succeeded steps of those
 phases whose executors can undo them, newest first, such as restoring the
-previous value of an environment variable.
+previous value of an environment variable. A step of a rollback group that
+nothing can undo, such as `pg_restore`, waits for an approval first.
 """
 
 from __future__ import annotations
+
+import re
 
 from bot.errors import UsageError
 from bot.i18n import translate
@@ -15,12 +18,17 @@ from steps import has_executor, load_executor
 from storage import RunRecord, StepRecord
 
 ROLLBACK_FROM = ("failed", "aborted")
+# Shell commands that only look, so a rollback runs them without asking.
+_CHECK_WORDS = re.compile(r"verify|check|status|検証|確認|チェック", re.I)
+_SIGNAL = re.compile(r"^kill\s+-\w+\s+<pid>$")
 
 
-def build_rollback_plan(run: RunRecord, records: list[StepRecord], locale_title: str) -> Plan:
+def build_rollback_plan(run: RunRecord, records: list[StepRecord], locale_title: str, *,
+                        check_status: bool = True) -> Plan:
+    """Return the rollback plan of a failed or aborted run; with check_status=False, of any run, to preview it."""
     if run.kind != "run":
         raise UsageError("rollback.not_a_forward_run", run_id=run.id)
-    if run.status not in ROLLBACK_FROM:
+    if check_status and run.status not in ROLLBACK_FROM:
         raise UsageError("rollback.wrong_status", run_id=run.id, status=translate(f"status.{run.status}"))
 
     plan = Plan.model_validate(run.plan)
@@ -56,6 +64,9 @@ def build_rollback_plan(run: RunRecord, records: list[StepRecord], locale_title:
         copied = group.model_copy(deep=True)
         for step in copied.steps:
             step.phase = None
+            if cannot_be_undone(step):
+                step.requires_approval = True
+                step.approval_note = translate("rollback.cannot_undo_note")
         rollback_groups.append(copied)
     if not any(group.steps for group in rollback_groups):
         raise UsageError("rollback.nothing_to_do", run_id=run.id, phase=phase if phase is not None else "-")
@@ -67,6 +78,60 @@ def build_rollback_plan(run: RunRecord, records: list[StepRecord], locale_title:
     })
     return plan.model_copy(update={"phases": [], "verification": [], "rollback": rollback_groups, "emergency": [],
                                    "undo_task_lines": undo_lines})
+
+
+def cannot_be_undone(step: Step) -> bool:
+    """Return whether an automated step changes something that no executor can put back.
+
+    Reads (sql, logs, GET requests, checks), signals to a step's own process,
+    and traffic sent back to green are safe; a step whose executor has an
+    inverse can be undone.
+    """
+    if not step.automated or step.kind in ("manual", "approval", "sql", "monitor", "traffic"):
+        return False
+    if not has_executor(step.kind):
+        return False
+    executor = load_executor(step.kind)
+    if executor.has_inverse(step):
+        return False
+    if step.kind == "http":
+        return executor.repeat_safe(step) is False
+    if step.kind == "kubernetes":
+        from steps.kubernetes import action_of
+
+        return action_of(step) not in ("logs", "wait_pods")
+    if step.kind == "datadog":
+        return step.params.get("action") != "readings"
+    if step.kind == "nginx":
+        return step.params.get("action") != "reload"
+    command = step.run_command or (step.commands[0] if step.commands else "")
+    original = step.commands[0] if step.commands else ""
+    if _SIGNAL.match(command.strip()) or _CHECK_WORDS.search(original or command):
+        return False
+    return True
+
+
+def rollback_steps(plan: Plan) -> list[Step]:
+    """Return the steps of a rollback or emergency plan in the order they run."""
+    return [step for group in plan.rollback for step in group.steps]
+
+
+def build_emergency_plan(run: RunRecord, number: int, locale_title: str) -> Plan:
+    """Return a one-step plan that carries out the emergency action e.N of a run's runbook."""
+    plan = Plan.model_validate(run.plan)
+    step = next((item for item in plan.emergency if item.id == f"e.{number}"), None)
+    if step is None:
+        listed = ", ".join(f"{item.id.removeprefix('e.')}: {item.title}" for item in plan.emergency) or "-"
+        raise UsageError("rollback.unknown_emergency", run_id=run.id, number=number, listed=listed)
+    if not step.automated:
+        what = " ".join(step.instructions) or step.title
+        raise UsageError("rollback.emergency_not_automated", step_id=step.id, title=step.title, what=what)
+    copied = step.model_copy(deep=True)
+    copied.phase = None
+    copied.requires_approval = False
+    group = RollbackGroupPlan(phases=[], title=locale_title, source_line=step.source_line, steps=[copied])
+    return plan.model_copy(update={"phases": [], "verification": [], "rollback": [group], "emergency": [],
+                                   "undo_task_lines": []})
 
 
 def inverse_source(records: list[StepRecord], step: Step) -> dict:

@@ -114,6 +114,20 @@ class TerminalView:
             self._say(f"terminal.step_{status}", step_id=step.id, title=step.title,
                       seconds=f"{event.data.get('seconds', 0):.1f}", error=event.data.get("error") or "",
                       actor=event.data.get("actor") or "")
+        elif kind == "incident.opened":
+            self._stop_live()
+            reason = self.t(f"incident.reason_{event.data.get('reason', 'failed')}")
+            self.console.print(Text(self.t("terminal.incident_opened", incident_id=event.data["incident"],
+                                           reason=reason, run_id=event.data.get("parent_run_id") or event.run_id),
+                                    style="bold red"))
+            emergency = [step for step in event.plan.emergency if step.automated] if event.plan.emergency else []
+            for step in emergency:
+                self.console.print(Text(self.t("terminal.emergency_hint", run_id=event.data.get("parent_run_id") or event.run_id,
+                                               number=step.id.removeprefix("e."), title=step.title)), highlight=False)
+        elif kind == "incident.closed":
+            resolution = self.t(f"incident.resolution_{event.data.get('resolution')}")
+            self.console.print(Text(self.t("terminal.incident_closed", incident_id=event.data["incident"],
+                                           resolution=resolution), style="bold green"))
         elif kind.startswith("run."):
             self._stop_live()
             status = kind.removeprefix("run.")

@@ -72,6 +72,8 @@ class RunbookWriteback:
             "run.completed": self._on_run_finished,
             "run.failed": self._on_run_finished,
             "run.aborted": self._on_run_finished,
+            "incident.opened": self._on_incident_opened,
+            "incident.closed": self._on_incident_closed,
         }.get(event.type)
         if handler is not None:
             handler(event)
@@ -87,8 +89,8 @@ class RunbookWriteback:
     def _on_run_started(self, event: RunEvent) -> None:
         self.run_started = event.data.get("started_at") or time.time()
         stamp = _stamp()
-        if event.data.get("kind") == "rollback":
-            self._edit(lambda lines: _append_note(lines, stamp, self._t("writeback.note_rollback_started"),
+        if event.data.get("kind") in ("rollback", "emergency"):
+            self._edit(lambda lines: _append_note(lines, stamp, self._t(f"writeback.note_{event.data['kind']}_started"),
                                                   [self._t("writeback.started_detail", run_id=event.run_id,
                                                            environment=event.plan.environment)]))
             return
@@ -142,7 +144,10 @@ class RunbookWriteback:
         if self.run_started is not None:
             details.append(self._t("writeback.elapsed", minutes=_num(round((time.time() - self.run_started) / 60, 1))))
 
-        if is_rollback:
+        if event.data.get("kind") == "emergency":
+            word = None
+            heading = self._t(f"writeback.note_emergency_{status}")
+        elif is_rollback:
             word = "rolled-back" if status == "completed" else None
             heading = self._t(f"writeback.note_rollback_{status}")
         else:
@@ -156,11 +161,23 @@ class RunbookWriteback:
                 lines = _set_status(lines, word)
             for line_number in untick:
                 lines = _untick(lines, line_number)
-            if status == "completed" and not is_rollback:
+            if status == "completed" and event.data.get("kind", "run") == "run":
                 lines = _fill_merge_field(lines, ("completed", "完了日"), stamp)
             return _append_note(lines, stamp, heading, details)
 
         self._edit(change)
+
+    def _on_incident_opened(self, event: RunEvent) -> None:
+        reason = self._t(f"incident.reason_{event.data.get('reason', 'failed')}")
+        heading = self._t("writeback.note_incident_opened", incident_id=event.data["incident"], reason=reason)
+        details = [self._t("writeback.incident_round", round=event.data.get("round", 1))]
+        self._edit(lambda lines: _append_note(lines, _stamp(), heading, details))
+
+    def _on_incident_closed(self, event: RunEvent) -> None:
+        resolution = self._t(f"incident.resolution_{event.data.get('resolution')}")
+        heading = self._t("writeback.note_incident_closed", incident_id=event.data["incident"], resolution=resolution)
+        details = [self._t("writeback.incident_closed_by", actor=event.data.get("actor") or "-")]
+        self._edit(lambda lines: _append_note(lines, _stamp(), heading, details))
 
     # -- file edits -------------------------------------------------------
 

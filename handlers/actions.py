@@ -1,9 +1,10 @@
-"""Buttons: approve, abort, done, skip and retry. Each handler acks first, then records the decision once."""
+"""Buttons: approve, abort, done, skip and retry, and an incident's actions. Each handler acks first, then records the decision once."""
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 
 from bot.errors import PostmergeError
 from bot.i18n import translate
@@ -18,6 +19,58 @@ DECISIONS = {ACTION_APPROVE: "approved", ACTION_DONE: "done", ACTION_SKIP: "skip
 def register(app, service) -> None:
     for action_id in DECISIONS:
         app.action(action_id)(_handler(service, action_id))
+
+    @app.action(re.compile(r"^postmerge:(?:incident|emergency):"))
+    async def incident_button(ack, body, action, client):
+        await ack()
+        await incident(service, client, body, action)
+
+
+async def incident(service, client, body: dict, action: dict) -> None:
+    """Carry out an incident button: roll back, an emergency action, retry, skip, re-run a phase or acknowledge."""
+    from bot.slack.incidents import ACTION_PREFIX
+    from bot.slack.service import decided_at_text
+
+    user = body["user"]["id"]
+    channel = (body.get("channel") or {}).get("id") or (body.get("container") or {}).get("channel_id")
+    locale = service.settings.locale
+
+    async def say_private(text: str) -> None:
+        try:
+            await client.chat_postEphemeral(channel=channel, user=user, text=text)
+        except Exception as error:  # noqa: BLE001 - the reply is lost; the incident's state is in the store
+            log.warning("ephemeral reply to %s failed: %s", user, error)
+
+    try:
+        value = json.loads(action.get("value") or "")
+        incident_id, round_number = str(value["incident"]), int(value["round"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        log.warning("incident button %s with an unreadable value from %s", action.get("action_id"), user)
+        await say_private(translate("incident.unreadable_button", locale))
+        return
+    try:
+        action_id = action.get("action_id") or ""
+        if action_id.startswith(ACTION_PREFIX):
+            won, row = await service.incident_action(incident_id, round_number, action_id.removeprefix(ACTION_PREFIX),
+                                                     user)
+            if not won:
+                if row.open and row.action is None:
+                    await say_private(translate("incident.stale_button", locale, incident_id=row.id))
+                elif row.action is not None and row.open:
+                    await say_private(translate("incident.acted_already", locale, incident_id=row.id,
+                                                action=translate(f"incident.action_{row.action}", locale),
+                                                actor=f"<@{row.action_by}>", at=decided_at_text(row.action_at or 0)))
+                else:
+                    await say_private(translate("incident.closed_already", locale, incident_id=row.id,
+                                                resolution=translate(f"incident.resolution_{row.resolution}", locale),
+                                                actor=f"<@{row.closed_by}>"))
+        else:
+            won, row = await service.emergency_action(incident_id, round_number, str(value.get("step")), user)
+            if not won:
+                await say_private(translate("incident.emergency_already", locale, step_id=value.get("step"),
+                                            actor=f"<@{row['decided_by']}>", at=decided_at_text(row["decided_at"])))
+    except PostmergeError as error:
+        await say_private(error.render(locale))
 
 
 def _handler(service, action_id: str):

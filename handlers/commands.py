@@ -79,9 +79,17 @@ async def status_text(service, runbook: str | None, locale: str) -> str:
         runs = [run for run in runs if run.runbook == runbook]
     if not runs:
         return translate("slack.no_runs", locale)
+    from bot.commands import incident_summary
+
     lines = []
     for run in runs[:10]:
-        lines.append(translate("slack.status_line", locale, run_id=run.id, runbook=run.runbook,
-                               environment=run.environment, status=translate(f"status.{run.status}", locale),
-                               phase=run.current_phase or "-"))
+        line = translate("slack.status_line", locale, run_id=run.id, runbook=run.runbook,
+                         environment=run.environment, status=translate(f"status.{run.status}", locale),
+                         phase=run.current_phase or "-")
+        if run.kind != "run":
+            line += " " + translate(f"slack.status_{run.kind}_of", locale, run_id=run.parent_run_id or "-")
+        incident = await service.store.incident_of_run(run.id) if run.kind == "run" else None
+        if incident is not None:
+            line += " · " + incident_summary(vars(incident), locale)
+        lines.append(line)
     return "\n".join(lines)

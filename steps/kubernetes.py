@@ -945,6 +945,10 @@ def _action(step: Step) -> str | None:
     return parsed.action if parsed else None
 
 
+# The action of a step, for callers outside this module such as the rollback planner.
+action_of = _action
+
+
 def _settings(context: StepContext) -> KubernetesSettings:
     settings = context.environment.kubernetes
     if settings is None:

@@ -110,3 +110,36 @@ run_locks = Table(
     Column("run_id", String(32), ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
     Column("created_at", Float, nullable=False),
 )
+
+# One row per failure episode of a forward run. `round` counts the times the
+# incident asked for a decision; `action` is the decision of the current round,
+# set once by a conditional update, so two clicks at once start one action.
+incidents = Table(
+    "incidents",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("run_id", String(32), ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+    # "open" or "closed"
+    Column("status", String(16), nullable=False),
+    # failed, timed_out, monitor, interrupted, aborted or rollback_failed
+    Column("reason", String(32), nullable=False),
+    Column("phase", Integer, nullable=True),
+    Column("step_id", String(64), nullable=True),
+    Column("round", Integer, nullable=False, default=1),
+    # rollback, retry, skip, rerun or acknowledge
+    Column("action", String(32), nullable=True),
+    Column("action_by", String(200), nullable=True),
+    Column("action_at", Float, nullable=True),
+    Column("rollback_run_id", String(32), nullable=True),
+    # rolled_back, retried or acknowledged
+    Column("resolution", String(32), nullable=True),
+    Column("closed_by", String(200), nullable=True),
+    Column("opened_at", Float, nullable=False),
+    Column("closed_at", Float, nullable=True),
+    # The Slack message of the incident, once posted.
+    Column("channel", String(64), nullable=True),
+    Column("ts", String(32), nullable=True),
+    Column("data", JSON, nullable=False, default=dict),
+)
+Index("ix_incidents_run_id", incidents.c.run_id)
+Index("ix_incidents_status", incidents.c.status)

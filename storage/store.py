@@ -21,9 +21,9 @@ from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from bot.errors import ConfigError, RunConflict, RunNotFound, StoreError
-from storage.schema import approvals, events, run_locks, run_steps, runs
+from storage.schema import approvals, events, incidents, run_locks, run_steps, runs
 
-HEAD_REVISION = "0001"
+HEAD_REVISION = "0002"
 # Any constant shared by every postmerge process; it names the advisory lock
 # that serializes schema migrations on PostgreSQL.
 MIGRATION_LOCK_KEY = 7_042_001
@@ -95,6 +95,32 @@ class RunRecord:
     @property
     def active(self) -> bool:
         return self.status in ACTIVE_STATUSES
+
+
+@dataclass
+class IncidentRecord:
+    id: str
+    run_id: str
+    status: str
+    reason: str
+    phase: int | None
+    step_id: str | None
+    round: int
+    action: str | None
+    action_by: str | None
+    action_at: float | None
+    rollback_run_id: str | None
+    resolution: str | None
+    closed_by: str | None
+    opened_at: float
+    closed_at: float | None
+    channel: str | None
+    ts: str | None
+    data: dict = field(default_factory=dict)
+
+    @property
+    def open(self) -> bool:
+        return self.status == "open"
 
 
 @dataclass
@@ -419,6 +445,107 @@ class Store:
         if row is None:
             raise RunNotFound("store.decision_not_found", approval_id=approval_id)
         return dict(row)
+
+    # -- incidents --------------------------------------------------------
+
+    async def open_incident(self, run_id: str, *, reason: str, phase: int | None, step_id: str | None,
+                            data: dict, keep_rollback: bool = True) -> tuple[IncidentRecord, bool]:
+        """Open an incident for a run, or start a new round of its open one; return it and whether it asks anew.
+
+        With keep_rollback, an open incident whose rollback was chosen keeps
+        that decision: the failure that follows is the run stopping for the
+        rollback. A failed rollback passes keep_rollback=False to ask again.
+        """
+        now = time.time()
+        async with self.engine.begin() as connection:
+            found = (await connection.execute(
+                select(incidents).where(and_(incidents.c.run_id == run_id, incidents.c.status == "open"))
+                .order_by(incidents.c.opened_at.desc()).limit(1)
+            )).mappings().first()
+            if found is not None and found["action"] == "rollback" and keep_rollback:
+                return IncidentRecord(**found), False
+            if found is not None:
+                await connection.execute(
+                    update(incidents).where(incidents.c.id == found["id"]).values(
+                        reason=reason, phase=phase, step_id=step_id, round=found["round"] + 1, action=None,
+                        action_by=None, action_at=None, data=data)
+                )
+                incident_id = found["id"]
+                await self._event(connection, run_id, "incident.reopened", step_id=step_id,
+                                  data={"incident": incident_id, "reason": reason, "round": found["round"] + 1})
+            else:
+                incident_id = secrets.token_hex(4)
+                await connection.execute(insert(incidents).values(
+                    id=incident_id, run_id=run_id, status="open", reason=reason, phase=phase, step_id=step_id,
+                    round=1, opened_at=now, data=data))
+                await self._event(connection, run_id, "incident.opened", step_id=step_id,
+                                  data={"incident": incident_id, "reason": reason, "phase": phase})
+            row = (await connection.execute(select(incidents).where(incidents.c.id == incident_id))).mappings().one()
+        return IncidentRecord(**row), True
+
+    async def get_incident(self, incident_id: str) -> IncidentRecord:
+        async with self.engine.connect() as connection:
+            row = (await connection.execute(select(incidents).where(incidents.c.id == incident_id))).mappings().first()
+        if row is None:
+            raise RunNotFound("store.incident_not_found", incident_id=incident_id)
+        return IncidentRecord(**row)
+
+    async def incident_of_run(self, run_id: str) -> IncidentRecord | None:
+        """Return the run's latest incident, open or closed."""
+        async with self.engine.connect() as connection:
+            row = (await connection.execute(
+                select(incidents).where(incidents.c.run_id == run_id).order_by(incidents.c.opened_at.desc()).limit(1)
+            )).mappings().first()
+        return IncidentRecord(**row) if row else None
+
+    async def list_incidents(self, *, open_only: bool = False, limit: int = 100) -> list[IncidentRecord]:
+        query = select(incidents).order_by(incidents.c.opened_at.desc()).limit(limit)
+        if open_only:
+            query = query.where(incidents.c.status == "open")
+        async with self.engine.connect() as connection:
+            return [IncidentRecord(**row) for row in (await connection.execute(query)).mappings().all()]
+
+    async def take_incident_action(self, incident_id: str, round_number: int, action: str,
+                                   actor: str) -> tuple[bool, IncidentRecord]:
+        """Record the action of an open incident's round exactly once; return whether this call won, and the row."""
+        async with self.engine.begin() as connection:
+            result = await connection.execute(
+                update(incidents).where(and_(incidents.c.id == incident_id, incidents.c.round == round_number,
+                                             incidents.c.status == "open", incidents.c.action.is_(None)))
+                .values(action=action, action_by=actor, action_at=time.time())
+            )
+            row = (await connection.execute(select(incidents).where(incidents.c.id == incident_id))).mappings().first()
+            if row is None:
+                raise RunNotFound("store.incident_not_found", incident_id=incident_id)
+            if result.rowcount:
+                await self._event(connection, row["run_id"], "incident.action", actor=actor,
+                                  data={"incident": incident_id, "action": action, "round": round_number})
+        return bool(result.rowcount), IncidentRecord(**row)
+
+    async def update_incident(self, incident_id: str, *, event_type: str | None = None, actor: str | None = None,
+                              event_data: dict | None = None, **values: Any) -> None:
+        async with self.engine.begin() as connection:
+            if values:
+                await connection.execute(update(incidents).where(incidents.c.id == incident_id).values(**values))
+            if event_type:
+                run_id = (await connection.execute(
+                    select(incidents.c.run_id).where(incidents.c.id == incident_id))).scalar()
+                await self._event(connection, run_id, event_type, actor=actor,
+                                  data={"incident": incident_id, **(event_data or {})})
+
+    async def close_incident(self, incident_id: str, resolution: str, actor: str | None) -> bool:
+        """Close an open incident once; return False if it was already closed."""
+        async with self.engine.begin() as connection:
+            result = await connection.execute(
+                update(incidents).where(and_(incidents.c.id == incident_id, incidents.c.status == "open"))
+                .values(status="closed", resolution=resolution, closed_by=actor, closed_at=time.time())
+            )
+            if result.rowcount:
+                run_id = (await connection.execute(
+                    select(incidents.c.run_id).where(incidents.c.id == incident_id))).scalar()
+                await self._event(connection, run_id, "incident.closed", actor=actor,
+                                  data={"incident": incident_id, "resolution": resolution})
+        return bool(result.rowcount)
 
     # -- events -----------------------------------------------------------
 

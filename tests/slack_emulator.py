@@ -207,6 +207,7 @@ class SlackEmulator:
             "auth.test": self._auth_test,
             "chat.postMessage": self._chat_post_message,
             "chat.update": self._chat_update,
+            "chat.getPermalink": self._chat_get_permalink,
             "chat.postEphemeral": self._chat_post_ephemeral,
             "usergroups.users.list": self._usergroups_users_list,
             "conversations.replies": self._conversations_replies,
@@ -611,6 +612,15 @@ class SlackEmulator:
         if usergroup not in self.usergroups:
             raise SlackApiFailure("no_such_subteam")
         return {"users": list(self.usergroups[usergroup])}
+
+    def _chat_get_permalink(self, args: dict[str, Any]) -> dict[str, Any]:
+        channel = self._require_channel(args)
+        ts = str(args.get("message_ts") or "")
+        if (channel, ts) not in self.messages:
+            raise SlackApiFailure("message_not_found")
+        # Slack's form: the workspace URL, the channel, and the ts without its dot after "p".
+        return {"channel": channel,
+                "permalink": f"https://emulator.slack.test/archives/{channel}/p{ts.replace('.', '')}"}
 
     def _conversations_replies(self, args: dict[str, Any]) -> dict[str, Any]:
         channel = self._require_channel(args)

@@ -476,7 +476,7 @@ async def test_integrity_switch_fails_verify(home: Path, monkeypatch: pytest.Mon
     assert failed_code == 1
     assert "injected by the sandbox switch integrity-failure" in failed_stderr
     assert passed_code == 0, passed_stderr
-    assert read_switches(home) == {"integrity-failure": False}
+    assert read_switches(home) == {"integrity-failure": False, "v2-unhealthy": False}
 
 
 async def test_set_switch_rejects_unknown_name(home: Path):

@@ -319,8 +319,17 @@ async def test_rerun_phase_from_slack(bot):
     assert (workdir / "first.log").read_text().splitlines() == ["first", "first"]
     assert any("starts again" in text for text in ephemerals(slack))
     roots = [message for message in slack.messages.values() if message.get("thread_ts") in (None, message["ts"])]
-    # The phase ran again in the run's own root message.
-    assert len(roots) == 1
+    # The phase ran again in the run's own root message. The other root is the failure's incident
+    # (no incidents channel is set, so it went to the run's channel), closed by the completed re-run.
+    runs_roots = [message for message in roots if "Incident" not in str(message.get("blocks"))]
+    assert len(runs_roots) == 1
+    incident = await wait_for(lambda: _closed_incident(service, run.id))
+    assert incident.resolution == "retried"
+
+
+async def _closed_incident(service, run_id: str):
+    incident = await service.store.incident_of_run(run_id)
+    return incident if incident is not None and not incident.open else None
 
 
 async def _first_run(service):

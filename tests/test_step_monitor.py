@@ -445,10 +445,10 @@ async def test_unknown_query_name_fails(saas: SaasEmulator) -> None:
 
 
 def test_switch_file_holds_numbers(tmp_path: Path) -> None:
-    assert read_switch_file(tmp_path) == {"integrity-failure": False}
+    assert read_switch_file(tmp_path) == {"integrity-failure": False, "v2-unhealthy": False}
     write_json_atomic(tmp_path / "switches.json", {"integrity-failure": True, "v2-error-percent": 2,
                                                    "v2-latency-ms": 0})
-    assert read_switch_file(tmp_path) == {"integrity-failure": True, "v2-error-percent": 2.0}
+    assert read_switch_file(tmp_path) == {"integrity-failure": True, "v2-unhealthy": False, "v2-error-percent": 2.0}
     assert read_numeric_switches(tmp_path / "switches.json") == {"v2-error-percent": 2.0, "v2-latency-ms": 0.0}
 
 

@@ -26,6 +26,7 @@ DEFAULT_ROWS = 80_000
 # Switch name -> what turning it on does. The scripts read the switch file on every run.
 KNOWN_SWITCHES: dict[str, str] = {
     "integrity-failure": "db:verify:v2-migration reports a checksum mismatch and fails",
+    "v2-unhealthy": "the v2 service answers /v2/health with HTTP 503, so the phase 3 health check fails",
 }
 
 
@@ -228,6 +229,12 @@ def read_numeric_switches(path: Path) -> dict[str, float]:
     Raises PostmergeError when the file exists but is not valid JSON.
     """
     return numeric_switch_values(_read_saved_switches(path))
+
+
+def read_service_switches(path: Path) -> tuple[dict[str, float], bool]:
+    """Return the numeric switches and whether v2-unhealthy is on, from one read of the switch file at path."""
+    saved = _read_saved_switches(path)
+    return numeric_switch_values(saved), saved.get("v2-unhealthy") is True
 
 
 def numeric_switch_values(saved: dict[str, Any]) -> dict[str, float]:

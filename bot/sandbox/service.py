@@ -20,8 +20,9 @@ switch file (`--switches PATH`, by default switches.json beside the
 
 The service reads the file at most every 0.5 seconds, on the first request
 after that time, so a change takes effect within a second under load. The
-health endpoint /v2/health is never affected, so health checks and probes
-still pass while traffic shows the fault. The v1 service ignores the switches.
+health endpoint /v2/health is not affected by these two, so health checks
+still pass while traffic shows the fault. Only the boolean switch
+`v2-unhealthy` fails it, with HTTP 503. The v1 service ignores the switches.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from pathlib import Path
 from aiohttp import web
 
 from bot.errors import PostmergeError
-from bot.sandbox._state import read_numeric_switches
+from bot.sandbox._state import read_service_switches
 
 logger = logging.getLogger("bot.sandbox.service")
 
@@ -66,6 +67,7 @@ class FaultSwitches:
         self.clock = clock
         self.error_percent = 0.0
         self.latency_ms = 0.0
+        self.unhealthy = False
         self._read_at: float | None = None
         self._last_problem: str | None = None
         # Failures owed so far: each response adds error_percent / 100, and a response
@@ -79,7 +81,7 @@ class FaultSwitches:
             return
         self._read_at = now
         try:
-            values = read_numeric_switches(self.path)
+            values, unhealthy = read_service_switches(self.path)
         except PostmergeError as error:
             problem = str(error)
             if problem != self._last_problem:
@@ -88,6 +90,9 @@ class FaultSwitches:
                 self._last_problem = problem
             return
         self._last_problem = None
+        if unhealthy != self.unhealthy:
+            logger.info("fault switch changed: v2-unhealthy=%s", unhealthy)
+        self.unhealthy = unhealthy
         error_percent, latency_ms = values["v2-error-percent"], values["v2-latency-ms"]
         if (error_percent, latency_ms) != (self.error_percent, self.latency_ms):
             logger.info("fault switches changed: v2-error-percent=%g v2-latency-ms=%g", error_percent, latency_ms)
@@ -165,6 +170,12 @@ async def handle_any(request: web.Request) -> web.Response:
 
 
 async def handle_health(request: web.Request) -> web.Response:
+    faults = request.app.get(FAULTS)
+    if faults is not None:
+        faults.refresh()
+        if faults.unhealthy:
+            return web.json_response({"status": "unavailable", "version": VERSIONS[request.app[API_VERSION]],
+                                      "detail": "injected by the sandbox switch v2-unhealthy"}, status=503)
     return web.json_response({"status": "ok", "version": VERSIONS[request.app[API_VERSION]]})
 
 

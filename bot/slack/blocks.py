@@ -60,6 +60,8 @@ class RunView:
     current_step: str | None = None
     elapsed_seconds: float = 0.0
     remaining_seconds: float = 0.0
+    kind: str = "run"
+    parent_run_id: str | None = None
 
     @property
     def progress(self) -> float:
@@ -111,6 +113,9 @@ def phase_line(phase: PhaseView, locale: str) -> str:
              if phase.number is not None else phase.title)
     if phase.status == "pending":
         return f"{icon} {label}"
+    if phase.number is None and phase.planned_seconds is None:
+        # A rollback step: how long it took, without a plan to compare with.
+        return f"{icon} {label}　{phase.elapsed_seconds:.1f}s" if phase.elapsed_seconds else f"{icon} {label}"
     planned = translate("slack.planned", locale, minutes=_minutes(phase.planned_seconds or 0))
     if phase.status == "running":
         timing = f"{_clock(phase.elapsed_seconds)} / {planned}"
@@ -128,9 +133,13 @@ def root_message(view: RunView, locale: str) -> tuple[str, list[dict]]:
     """Return the fallback text and the blocks of a run's root message."""
     finished = view.status in ("completed", "failed", "aborted", "rolled_back")
     header_key = f"slack.header_{view.status}" if finished else "slack.header_running"
+    if view.kind != "run":
+        header_key = f"slack.header_{view.kind}_{view.status if finished else 'running'}"
     header = cut_end(translate(header_key, locale, runbook=view.runbook), MAX_HEADER_CHARS)
 
     details = [view.environment]
+    if view.parent_run_id:
+        details.append(translate("slack.parent_run", locale, run_id=view.parent_run_id))
     if view.pr:
         details.append(f"PR {view.pr}")
     if view.branch:
@@ -208,6 +217,17 @@ def phase_reply(phase: PhaseView, steps: list[StepReport], locale: str) -> tuple
 
     text = cut_end(title, MAX_FALLBACK_TEXT_CHARS)
     return text, fit_blocks(blocks)
+
+
+def failure_reply(step: StepReport, locale: str) -> tuple[str, list[dict]]:
+    """Return the reply about one failed step of a rollback or emergency run, with its output tail."""
+    title = translate("slack.step_failed_reply", locale, step_id=step.step_id, title=mask_secrets(step.title))
+    blocks = [_section(f"*{cut_end(title, 2900)}*")]
+    if step.error:
+        blocks.append(_section(cut_end(mask_secrets(step.error), MAX_SECTION_CHARS)))
+    if step.output_lines:
+        blocks.append(output_block(step.output_lines))
+    return cut_end(title, MAX_FALLBACK_TEXT_CHARS), fit_blocks(blocks)
 
 
 def output_block(lines: list[str]) -> dict:

@@ -15,9 +15,9 @@ import logging
 
 from bot.gates import RunEvent
 from bot.plan import Plan, Step
-from bot.slack.blocks import phase_reply, root_message
+from bot.slack.blocks import failure_reply, phase_reply, root_message
 from bot.slack.pacing import POST_INTERVAL, UPDATE_INTERVAL, ChannelPacer
-from bot.slack.views import build_run_view, step_reports
+from bot.slack.views import build_run_view, rollback_reports, step_reports
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,8 @@ class SlackRunNotifier:
         # Runs in one channel share one pacer, so their calls count against one budget.
         self.pacer = pacer or ChannelPacer(update_interval, post_interval)
         self.root_ts: dict[str, str] = {}
+        # A rollback or emergency run posts its root message as a reply in this thread (the incident's).
+        self.parent_ts: dict[str, str] = {}
         self.plans: dict[str, Plan] = {}
         self._dirty: set[str] = set()
         self._pending_replies: list[tuple[str, int | None]] = []
@@ -119,10 +121,12 @@ class SlackRunNotifier:
                 await self.client.chat_update(channel=self.channel, ts=self.root_ts[run_id], text=text, blocks=blocks)
             else:
                 await self.space_posts()
-                response = await self.client.chat_postMessage(channel=self.channel, text=text, blocks=blocks)
+                parent = self.parent_ts.get(run_id)
+                response = await self.client.chat_postMessage(channel=self.channel, text=text, blocks=blocks,
+                                                              thread_ts=parent)
                 self.root_ts[run_id] = response["ts"]
                 options = dict(run.options or {})
-                options["slack"] = {"channel": self.channel, "ts": response["ts"]}
+                options["slack"] = {"channel": self.channel, "ts": response["ts"], "thread_ts": parent}
                 await self.store.update_run(run_id, options=options)
             return True
         except Exception as error:  # noqa: BLE001 - Slack must never stop a run; the next flush retries
@@ -130,17 +134,29 @@ class SlackRunNotifier:
             log.warning("run %s: Slack update of the root message failed: %s", run_id, error)
             return False
 
+    def thread_of(self, run_id: str) -> str | None:
+        """Return the thread a run's replies and buttons go to: its parent's thread, else its root message's."""
+        return self.parent_ts.get(run_id) or self.root_ts.get(run_id)
+
     async def _send_reply(self, run_id: str, phase: int | None) -> bool:
         plan = self.plans[run_id]
         records = await self.store.steps(run_id)
-        view = build_run_view(await self.store.get_run(run_id), plan, records)
-        phase_view = next((item for item in view.phases if item.number == phase), None)
-        if phase_view is None:
-            return True
-        text, blocks = phase_reply(phase_view, step_reports(plan, records, phase), self.locale)
+        run = await self.store.get_run(run_id)
+        if run.kind != "run":
+            # A rollback's root message lists its steps; a failure adds a reply with the step's output.
+            reports = [report for report in rollback_reports(plan, records) if report.status in ("failed", "timed_out")]
+            if not reports:
+                return True
+            text, blocks = failure_reply(reports[-1], self.locale)
+        else:
+            view = build_run_view(run, plan, records)
+            phase_view = next((item for item in view.phases if item.number == phase), None)
+            if phase_view is None:
+                return True
+            text, blocks = phase_reply(phase_view, step_reports(plan, records, phase), self.locale)
         try:
             await self.space_posts()
-            await self.client.chat_postMessage(channel=self.channel, thread_ts=self.root_ts[run_id], text=text,
+            await self.client.chat_postMessage(channel=self.channel, thread_ts=self.thread_of(run_id), text=text,
                                                blocks=blocks)
             return True
         except Exception as error:  # noqa: BLE001 - Slack must never stop a run; the next flush retries
@@ -150,7 +166,7 @@ class SlackRunNotifier:
 
     async def post_note(self, run_id: str, text: str) -> None:
         """Post a line in the run's thread, if its root message exists. A failure is logged and dropped."""
-        thread = self.root_ts.get(run_id)
+        thread = self.thread_of(run_id)
         if thread is None:
             return
         try:

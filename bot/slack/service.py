@@ -83,6 +83,11 @@ class SlackService:
         self.tasks: dict[str, asyncio.Task] = {}
         self.pacer = ChannelPacer()
         self._runs_lock = asyncio.Lock()
+        from bot.slack.incidents import SlackIncidents
+
+        self.incidents = SlackIncidents(self)
+        # Work started by a button that outlives the request, such as waiting for a run to stop before its rollback.
+        self._background: set[asyncio.Task] = set()
 
     # -- lookups ------------------------------------------------------------
 
@@ -132,7 +137,7 @@ class SlackService:
 
     async def close(self) -> None:
         """Stop driving runs in this process. Their state stays in the store, and the next bot reattaches them."""
-        tasks = [task for task in self.tasks.values() if not task.done()]
+        tasks = [task for task in list(self.tasks.values()) + list(self._background) if not task.done()]
         for task in tasks:
             task.cancel()
         if tasks:
@@ -176,9 +181,13 @@ class SlackService:
         return run_id
 
     def _engine(self, environment: Environment, channel: str, runbook_path: Path, language, actor: str | None,
-                root_ts: tuple[str, str] | None = None):
-        """Build an engine that reports into Slack and, where the environment allows it, into the runbook."""
+                root_ts: tuple[str, str] | None = None, parent_ts: tuple[str, str] | None = None):
+        """Build an engine that reports into Slack and, where the environment allows it, into the runbook.
+
+        parent_ts puts a run's messages into another thread, as a rollback's go into its incident's.
+        """
         from bot.engine import Engine
+        from bot.slack.incidents import IncidentNotifier
         from bot.slack.notifier import SlackRunNotifier
         from bot.writeback import RunbookWriteback
 
@@ -186,7 +195,9 @@ class SlackService:
         notifier = SlackRunNotifier(self.client, self.store, channel, locale, pacer=self.pacer)
         if root_ts is not None:
             notifier.root_ts[root_ts[0]] = root_ts[1]
-        notifiers = [notifier]
+        if parent_ts is not None:
+            notifier.parent_ts[parent_ts[0]] = parent_ts[1]
+        notifiers = [notifier, IncidentNotifier(self.incidents)]
         if environment.writeback and runbook_path.is_file():
             notifiers.append(RunbookWriteback(runbook_path, language))
         interaction = SlackInteraction(self, environment, notifier, channel, locale)
@@ -209,10 +220,12 @@ class SlackService:
                 self.tasks.pop(run_id)
             await notifier.close()
 
-    async def _drive_again(self, run, actor: str | None, phase: int | None = None) -> bool:
+    async def _drive_again(self, run, actor: str | None, phase: int | None = None, retry: str | None = None) -> bool:
         """Drive a stored run in this process, reusing its root message and thread.
 
-        With a phase, that phase first becomes pending again, so it runs from its first step.
+        With a phase, that phase first becomes pending again, so it runs from
+        its first step. With retry ("retry" or "skip"), a failed run first
+        becomes resumable at its failed step, or after it.
         """
         from bot.plan import Plan
 
@@ -223,10 +236,14 @@ class SlackService:
             log.warning("run %s has no Slack channel to report into; resume it from a terminal", run.id)
             return False
         root_ts = (run.id, slack_options["ts"]) if slack_options.get("ts") else None
+        parent_ts = (run.id, slack_options["thread_ts"]) if slack_options.get("thread_ts") else None
         engine, notifier = self._engine(environment, channel, Path(run.runbook_path),
-                                        Plan.model_validate(run.plan).language, actor, root_ts)
+                                        Plan.model_validate(run.plan).language, actor, root_ts, parent_ts)
         if phase is not None:
             await engine.reopen_phase(run.id, phase)
+        if retry is not None and not await engine.reopen(run.id, skip_failed=retry == "skip"):
+            raise UsageError("incident.cannot_retry", run_id=run.id,
+                             status=translate(f"status.{run.status}", self.locale(environment)))
         # Without an actor the bot itself picks the run up, so a note in the thread explains why it moves again.
         note = translate("slack.reattached", self.locale(environment)) if actor is None else None
         self.tasks[run.id] = asyncio.create_task(self._drive(engine, run.id, notifier, note))
@@ -276,13 +293,266 @@ class SlackService:
         return attached
 
     async def watch_orphans(self, interval: float) -> None:
-        """Reattach orphaned runs now and then every `interval` seconds, until cancelled."""
+        """Reattach orphaned runs and bring incidents up to date now and then every `interval` seconds, until cancelled."""
         while True:
             try:
                 await self.reattach()
             except Exception:  # noqa: BLE001 - the next round tries again
                 log.exception("reattaching runs failed")
+            try:
+                await self.watch_incidents()
+            except Exception:  # noqa: BLE001 - the next round tries again
+                log.exception("checking incidents failed")
             await asyncio.sleep(interval)
+
+    # -- incidents -------------------------------------------------------------
+
+    async def watch_incidents(self) -> None:
+        """Post and update incident messages, and carry on a chosen rollback that no process has started.
+
+        Incidents opened or changed from a terminal reach Slack here, and a
+        rollback chosen just before a bot stopped starts after its restart.
+        """
+        for incident in await self.store.list_incidents(limit=200):
+            if not incident.open and (incident.data or {}).get("shown", {}).get("status") == "closed":
+                continue
+            await self.incidents.sync(incident.id)
+            if incident.open and incident.action == "rollback" and incident.rollback_run_id is None:
+                key = f"rollback:{incident.id}"
+                if not any(task.get_name() == key and not task.done() for task in self._background):
+                    self._spawn(self._start_rollback(incident.id), key)
+
+    def _spawn(self, coroutine, name: str | None = None) -> asyncio.Task:
+        task = asyncio.create_task(coroutine, name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    async def check_responder(self, user_id: str, environment: Environment) -> None:
+        """Allow an incident's buttons to its environment's incident responders (the approvers when none are set)."""
+        allowed = environment.incident_responders or environment.approvers
+        if not await self.is_member(user_id, allowed):
+            raise UsageError("incident.not_a_responder", environment=environment.name)
+
+    async def incident_action(self, incident_id: str, round_number: int, action: str, user_id: str):
+        """Record a responder's action on an incident's round exactly once, then carry it out.
+
+        Return whether this press won, and the incident as stored.
+        """
+        from bot import incidents
+        from bot.plan import Plan
+
+        incident = await self.store.get_incident(incident_id)
+        run = await self.store.get_run(incident.run_id)
+        await self.check_responder(user_id, self.environment(run.environment))
+        if incident.round != round_number and incident.open and incident.action is None:
+            raise UsageError("incident.stale_button", incident_id=incident.id)
+        if incident.action is not None or not incident.open:
+            return False, incident
+        incidents.check_action(incident, Plan.model_validate(run.plan), action)
+        won, incident = await self.store.take_incident_action(incident.id, round_number, action, user_id)
+        if not won:
+            return False, incident
+        await self.incidents.sync(incident.id)
+        self._spawn(self._carry_out(incident.id), f"{action}:{incident.id}")
+        return True, incident
+
+    async def _carry_out(self, incident_id: str) -> None:
+        try:
+            incident = await self.store.get_incident(incident_id)
+            if incident.action == "acknowledge":
+                await self._acknowledge(incident)
+            elif incident.action == "rollback":
+                await self._start_rollback(incident.id)
+            elif incident.action in ("retry", "skip"):
+                await self._retry(incident)
+            elif incident.action == "rerun":
+                await self._rerun(incident)
+        except PostmergeError as error:
+            await self._incident_problem(incident_id, error)
+        except Exception as error:  # noqa: BLE001 - reported in the incident thread and logged with its traceback
+            log.exception("incident %s: %s failed", incident_id, "action")
+            await self._incident_problem(incident_id, error)
+
+    async def _incident_problem(self, incident_id: str, error: Exception) -> None:
+        """Say in the incident thread that its action could not start, and let responders choose again."""
+        incident = await self.store.get_incident(incident_id)
+        run = await self.store.get_run(incident.run_id)
+        locale = self.locale(self.environments().get(run.environment))
+        message = error.render(locale) if isinstance(error, PostmergeError) else str(error) or type(error).__name__
+        if incident.open and incident.rollback_run_id is None:
+            await self.store.update_incident(incident.id, action=None, action_by=None, action_at=None,
+                                             round=incident.round + 1, event_type="incident.action_failed",
+                                             event_data={"error": message})
+        if incident.ts:
+            try:
+                await self.pacer.space_posts(incident.channel)
+                await self.client.chat_postMessage(channel=incident.channel, thread_ts=incident.ts,
+                                                   text=translate("incident.action_failed", locale, error=message))
+            except Exception as post_error:  # noqa: BLE001 - the problem is in the log and the event
+                log.warning("incident %s: could not report a failed action: %s", incident.id, post_error)
+        await self.incidents.sync(incident.id)
+
+    async def _acknowledge(self, incident) -> None:
+        from bot.gates import RunEvent
+        from bot.plan import Plan
+        from bot.writeback import RunbookWriteback
+
+        if await self.store.close_incident(incident.id, "acknowledged", incident.action_by):
+            run = await self.store.get_run(incident.run_id)
+            environment = self.environment(run.environment)
+            plan = Plan.model_validate(run.plan)
+            path = Path(run.runbook_path)
+            if environment.writeback and path.is_file():
+                await RunbookWriteback(path, plan.language).notify(RunEvent(
+                    type="incident.closed", run_id=run.id, plan=plan,
+                    data={"incident": incident.id, "resolution": "acknowledged", "actor": incident.action_by}))
+        await self.incidents.sync(incident.id)
+
+    async def _stop_for_rollback(self, run_id: str, actor: str) -> None:
+        """Stop a run that is still active, so its rollback may start: abort it and wait until it ends."""
+        from bot.engine import abort_unowned
+        from storage import lease_held
+
+        run = await self.store.get_run(run_id)
+        if not run.active:
+            return
+        await self.store.request_abort(run.id, actor)
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            run = await self.store.get_run(run_id)
+            if not run.active:
+                return
+            if not lease_held(run) and not (run.id in self.tasks and not self.tasks[run.id].done()):
+                await abort_unowned(self.store, run, actor, self.locale(self.environments().get(run.environment)))
+                return
+            await asyncio.sleep(DECISION_POLL_SECONDS)
+        raise UsageError("incident.run_did_not_stop", run_id=run_id)
+
+    async def _start_rollback(self, incident_id: str) -> None:
+        """Start the rollback a responder chose, once, in the incident's thread; carry on one that exists."""
+        from bot.i18n import translate as t
+        from bot.rollback import build_rollback_plan, rollback_steps
+
+        incident = await self.store.get_incident(incident_id)
+        run = await self.store.get_run(incident.run_id)
+        actor = incident.action_by or "slack"
+        if incident.rollback_run_id is None:
+            # A rollback created just before a bot stopped, before the incident recorded it.
+            existing = [item for item in await self.store.list_runs(limit=500)
+                        if item.kind == "rollback" and item.parent_run_id == run.id and item.created_at >= (incident.action_at or 0)]
+            if existing:
+                incident.rollback_run_id = existing[0].id
+                await self.store.update_incident(incident.id, rollback_run_id=existing[0].id)
+        if incident.rollback_run_id is not None:
+            rollback = await self.store.get_run(incident.rollback_run_id)
+            async with self._runs_lock:
+                busy = rollback.id in self.tasks and not self.tasks[rollback.id].done()
+                if rollback.active and not busy:
+                    if "slack" not in (rollback.options or {}):
+                        await self.store.update_run(rollback.id, options={"slack": self._incident_thread(incident, run)})
+                        rollback = await self.store.get_run(rollback.id)
+                    await self._drive_again(rollback, actor)
+            return
+
+        await self._stop_for_rollback(run.id, actor)
+        run = await self.store.get_run(run.id)
+        environment = self.environment(run.environment)
+        locale = self.locale(environment)
+        plan = build_rollback_plan(run, await self.store.steps(run.id), t("rollback.inverse_title", locale))
+        where = self._incident_thread(incident, run)
+        async with self._runs_lock:
+            engine, notifier = self._engine(environment, where["channel"], Path(run.runbook_path), plan.language,
+                                            actor, parent_ts=None)
+            rollback_id = await engine.start(plan, started_by=actor, kind="rollback", parent_run_id=run.id,
+                                             steps=rollback_steps(plan))
+            await self.store.update_run(rollback_id, options={"slack": where})
+            await self.store.update_incident(incident.id, rollback_run_id=rollback_id,
+                                             event_type="incident.rollback_started", actor=actor,
+                                             event_data={"rollback_run_id": rollback_id})
+            if where.get("thread_ts"):
+                notifier.parent_ts[rollback_id] = where["thread_ts"]
+            self.tasks[rollback_id] = asyncio.create_task(self._drive(engine, rollback_id, notifier))
+        await self.incidents.sync(incident.id)
+
+    def _incident_thread(self, incident, run) -> dict:
+        """Return where a rollback or an emergency action reports: the incident's thread, else the run's."""
+        run_slack = (run.options or {}).get("slack") or {}
+        if incident.ts:
+            return {"channel": incident.channel, "thread_ts": incident.ts}
+        channel = run_slack.get("channel") or self.environment(run.environment).slack_runs_channel
+        if channel is None:
+            raise UsageError("incident.no_channel", run_id=run.id)
+        return {"channel": channel, "thread_ts": run_slack.get("ts")}
+
+    async def _retry(self, incident) -> None:
+        """Retry or skip the failed step: answer an interrupted step's question, or resume the failed run."""
+        decision = "retry" if incident.action == "retry" else "skipped"
+        approval_id = (incident.data or {}).get("approval_id")
+        if incident.reason == "interrupted" and approval_id is not None:
+            won, _ = await self.store.decide(int(approval_id), decision, incident.action_by)
+            if won and (await self.store.get_run(incident.run_id)).status == "paused":
+                await self.resume_run(incident.run_id, incident.action_by)
+            if won:
+                return
+        target = incident.run_id
+        if incident.reason == "rollback_failed":
+            target = (incident.data or {}).get("rollback_run_id") or incident.rollback_run_id or target
+        await self._wait_for_task(target)
+        async with self._runs_lock:
+            await self._drive_again(await self.store.get_run(target), incident.action_by, retry=incident.action)
+
+    async def _rerun(self, incident) -> None:
+        from bot import incidents
+        from bot.plan import Plan
+
+        run = await self.store.get_run(incident.run_id)
+        phase = incidents.rerun_phase_of(incident, Plan.model_validate(run.plan))
+        await self._wait_for_task(run.id)
+        async with self._runs_lock:
+            await self._drive_again(await self.store.get_run(run.id), incident.action_by, phase)
+
+    async def _wait_for_task(self, run_id: str) -> None:
+        previous = self.tasks.get(run_id)
+        if previous is not None and not previous.done():
+            # The task that ended the run may still be posting its last messages.
+            await asyncio.wait({previous}, timeout=30)
+
+    async def emergency_action(self, incident_id: str, round_number: int, step_id: str, user_id: str):
+        """Carry out an emergency action under 緊急時 once per press round, reporting into the incident thread."""
+        from bot.rollback import build_emergency_plan, rollback_steps
+
+        incident = await self.store.get_incident(incident_id)
+        run = await self.store.get_run(incident.run_id)
+        environment = self.environment(run.environment)
+        await self.check_responder(user_id, environment)
+        if not incident.open:
+            from bot import incidents
+            from bot.plan import Plan
+
+            incidents.check_action(incident, Plan.model_validate(run.plan), "rollback")
+        number = int(step_id.removeprefix("e."))
+        locale = self.locale(environment)
+        plan = build_emergency_plan(run, number, translate("incident.emergency_title", locale))
+        approval_id = await self.store.request_decision(run.id, f"incident:{incident.id}:{step_id}", round_number,
+                                                        "emergency")
+        won, row = await self.store.decide(approval_id, "approved", user_id)
+        if not won:
+            return False, row
+        await self.store.append_event(run.id, "incident.emergency", actor=user_id,
+                                      data={"incident": incident.id, "step_id": step_id})
+        where = self._incident_thread(incident, run)
+        async with self._runs_lock:
+            engine, notifier = self._engine(environment, where["channel"], Path(run.runbook_path), plan.language,
+                                            user_id)
+            emergency_id = await engine.start(plan, started_by=user_id, kind="emergency", parent_run_id=run.id,
+                                              steps=rollback_steps(plan))
+            await self.store.update_run(emergency_id, options={"slack": where})
+            if where.get("thread_ts"):
+                notifier.parent_ts[emergency_id] = where["thread_ts"]
+            self.tasks[emergency_id] = asyncio.create_task(self._drive(engine, emergency_id, notifier))
+        await self.incidents.sync(incident.id)
+        return True, row
 
     async def decide(self, approval_id: int, decision: str, user_id: str) -> tuple[bool, dict]:
         """Record a button's decision exactly once, after checking who may decide."""
@@ -341,7 +611,7 @@ class SlackInteraction:
         from bot.slack.gates import gate_message
 
         await self.notifier.flush()
-        thread = self.notifier.root_ts.get(request.run_id)
+        thread = self.notifier.thread_of(request.run_id)
         text, blocks = gate_message(request, self.locale)
         message_ts = None
         try:

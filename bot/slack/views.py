@@ -17,6 +17,14 @@ def build_run_view(run: RunRecord, plan: Plan, records: list[StepRecord], now: f
     by_id = {record.step_id: record for record in records}
     phases: list[PhaseView] = []
     remaining = 0.0
+    if run.kind != "run":
+        # A rollback or an emergency action has no phases: each of its steps is a line.
+        for report in rollback_reports(plan, records, now):
+            status = {"succeeded": "done", "approved": "done", "skipped": "done", "failed": "failed",
+                      "timed_out": "failed", "rejected": "failed"}.get(report.status, report.status)
+            phases.append(PhaseView(number=None, title=f"`{report.step_id}` {report.title}", status=status,
+                                    elapsed_seconds=report.seconds or 0.0,
+                                    steps_done=1 if status == "done" else 0, steps_total=1))
     for phase in plan.phases:
         phase_records = [by_id[step.id] for step in phase.steps if step.id in by_id]
         done = sum(1 for record in phase_records if record.status in DONE)
@@ -48,6 +56,8 @@ def build_run_view(run: RunRecord, plan: Plan, records: list[StepRecord], now: f
     started_at = run.started_at or run.created_at
     finished_at = run.finished_at or now
     return RunView(
+        kind=run.kind,
+        parent_run_id=run.parent_run_id,
         run_id=run.id,
         runbook=run.runbook,
         environment=run.environment,
@@ -71,4 +81,22 @@ def step_reports(plan: Plan, records: list[StepRecord], phase_number: int | None
         seconds = (record.finished_at - record.started_at) if record.finished_at and record.started_at else None
         reports.append(StepReport(step_id=step.id, title=step.title, status=record.status, seconds=seconds,
                                   output_lines=(record.output or "").splitlines(), error=record.error))
+    return reports
+
+
+def rollback_reports(plan: Plan, records: list[StepRecord], now: float | None = None) -> list[StepReport]:
+    """Return a report per step of a rollback or emergency run, in the order they run."""
+    now = time.time() if now is None else now
+    by_id = {record.step_id: record for record in records}
+    reports = []
+    for group in plan.rollback:
+        for step in group.steps:
+            record = by_id.get(step.id)
+            if record is None:
+                continue
+            seconds = None
+            if record.started_at:
+                seconds = (record.finished_at or now) - record.started_at
+            reports.append(StepReport(step_id=step.id, title=step.title, status=record.status, seconds=seconds,
+                                      output_lines=(record.output or "").splitlines(), error=record.error))
     return reports

@@ -1,0 +1,289 @@
+"""Incidents on a small runbook: opened on failure, buttons for responders only, decided once, closed and shown alike.
+
+The end-to-end scenarios on the sandbox are in test_e2e_incidents.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from bot.config import Settings
+from conftest import cli_env, run_cli
+from slack_emulator import SlackEmulator
+from storage import Store
+from test_engine import runbook_text
+from test_slack_bot import APPROVER, CHANNEL, USER, _async, ephemerals, serve_bot, wait_for
+
+INCIDENTS = "C0INCIDENTS"
+RESPONDER = "U0RESPONDER"
+OTHER_RESPONDER = "U0RESPONDER2"
+ONCALL = "S0ONCALL"
+
+FAILING_TASKS = (
+    "- [ ] prepare: `echo prepared > prepared.txt`\n"
+    "- [ ] deploy: `echo deploying; echo 'token=xoxb-1234567890-abcdef' ; exit 3`\n"
+    "  - URL: https://app.datadoghq.com/dashboard/deploys\n"
+)
+ORDER = "**Phase 1: 準備（1分）**\n1. prepare\n2. deploy"
+ROLLBACK = (
+    "**Phase 1 失敗（準備）:**\n1. 片付け: `rm prepared.txt`\n2. 確認: `test ! -e prepared.txt`\n\n"
+    "**緊急時:**\n- 旧版へ戻す: `echo emergency > emergency.txt`\n"
+    "- 監視ダッシュボード: https://app.datadoghq.com/dashboard/emergency\n"
+    "- エスカレーション: Slack #incidents チャンネル\n"
+)
+
+
+def write_setup(tmp_path: Path) -> tuple[Path, Path, Path]:
+    runbooks = tmp_path / "runbooks"
+    runbooks.mkdir()
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    config = tmp_path / "postmerge.toml"
+    config.write_text(
+        f'[environments.local]\nworkdir = "{workdir}"\nrunbook_dir = "{runbooks}"\n'
+        f'slack_runs_channel = "{CHANNEL}"\nslack_incidents_channel = "{INCIDENTS}"\n'
+        f'approvers = ["{APPROVER}"]\nincident_responders = ["{RESPONDER}", "{OTHER_RESPONDER}"]\n'
+        f'oncall = ["{ONCALL}"]\n')
+    (runbooks / "deploy.md").write_text(runbook_text(FAILING_TASKS, ORDER, ROLLBACK), encoding="utf-8")
+    return runbooks, workdir, config
+
+
+def incident_messages(slack: SlackEmulator) -> list[dict]:
+    return [message for (channel, _), message in slack.messages.items()
+            if channel == INCIDENTS and message.get("thread_ts") in (None, message["ts"])]
+
+
+def button_value(message: dict, action_id: str) -> str | None:
+    for block in message.get("blocks") or []:
+        for element in block.get("elements", []):
+            if element.get("action_id") == action_id:
+                return element["value"]
+    return None
+
+
+@pytest.fixture
+async def failed_run(tmp_path):
+    """Start the failing runbook from Slack; yield once its incident is posted."""
+    runbooks, workdir, config = write_setup(tmp_path)
+    async with SlackEmulator() as slack:
+        settings = Settings(home=tmp_path / "home", config=config, locale="ja")
+        async with serve_bot(settings, slack, runbooks, tmp_path / "store.db") as (client, service):
+            await client.command("start deploy local", user=USER)
+            message = await wait_for(lambda: _async((incident_messages(slack) or [None])[0]), 30)
+            run = (await service.store.list_runs())[0]
+            yield client, slack, service, workdir, run, message
+
+
+async def test_failure_opens_incident_with_everything_a_responder_needs(failed_run):
+    client, slack, service, workdir, run, message = failed_run
+    text = json.dumps(message["blocks"], ensure_ascii=False)
+    assert run.status == "failed"
+    assert "🚨 インシデント: sample（local）ステップ失敗" in text
+    assert "Phase 1 準備" in text and "`p1.2` deploy（shell）" in text
+    assert f"<@{USER}>" in text
+    assert "<https://app.datadoghq.com/dashboard/emergency|監視ダッシュボード> 🆘" in text
+    assert "dashboard/deploys" in text
+    assert f"<!subteam^{ONCALL}>" in text
+    assert "deploying" in text
+    # The token in the output tail is masked before it reaches any channel.
+    assert "xoxb-1234567890" not in json.dumps([call.args for call in slack.calls], ensure_ascii=False)
+    # The run thread links to the incident, and the incident links back to the run thread.
+    run_root = run.options["slack"]["ts"]
+    await wait_for(lambda: _async(any("インシデント" in reply.get("text", "") and "archives/C0INCIDENTS" in
+                                      reply.get("text", "") for reply in slack.thread(CHANNEL, run_root))))
+    assert f"archives/{CHANNEL}/p{run_root.replace('.', '')}" in text
+    actions = [element["action_id"] for block in message["blocks"] for element in block.get("elements", [])
+               if block.get("type") == "actions"]
+    assert actions == ["postmerge:incident:rollback", "postmerge:emergency:1", "postmerge:incident:retry",
+                       "postmerge:incident:skip", "postmerge:incident:acknowledge"]
+    # What Roll back would run is listed, so nobody presses it blind.
+    assert "`r1.1` 片付け" in text
+
+
+async def test_only_responders_may_press(failed_run):
+    client, slack, service, workdir, run, message = failed_run
+    value = button_value(message, "postmerge:incident:acknowledge")
+    await client.click("postmerge:incident:acknowledge", value, USER)
+    await wait_for(lambda: _async(any("インシデント対応者ではない" in text for text in ephemerals(slack))))
+    incident = await service.store.incident_of_run(run.id)
+    assert incident.open and incident.action is None
+
+
+async def test_acknowledge_closes_and_every_view_agrees(failed_run, tmp_path):
+    client, slack, service, workdir, run, message = failed_run
+    value = button_value(message, "postmerge:incident:acknowledge")
+    assert await client.click("postmerge:incident:acknowledge", value, RESPONDER) == 200
+    await wait_for(lambda: _closed(service, run.id))
+    incident = await service.store.incident_of_run(run.id)
+    assert (incident.resolution, incident.closed_by) == ("acknowledged", RESPONDER)
+
+    async def shown() -> bool:
+        edited = slack.messages[(INCIDENTS, message["ts"])]
+        return "✅ 解決済み" in json.dumps(edited["blocks"], ensure_ascii=False)
+
+    await wait_for(shown)
+    edited = slack.messages[(INCIDENTS, message["ts"])]
+    assert not [block for block in edited["blocks"] if block["type"] == "actions"]
+    assert f"<@{RESPONDER}> が「確認済み」を選びました" in json.dumps(edited["blocks"], ensure_ascii=False)
+    await wait_for(lambda: _async(any("インシデントを閉じました: 確認済み" in reply.get("text", "")
+                                      for reply in slack.thread(INCIDENTS, message["ts"]))))
+    await wait_for(lambda: _async(any("閉じました: 確認済み" in reply.get("text", "")
+                                      for reply in slack.thread(CHANNEL, run.options["slack"]["ts"]))))
+    runbook = (tmp_path / "runbooks" / "deploy.md").read_text(encoding="utf-8")
+    assert f"インシデント {incident.id}: ステップ失敗" in runbook
+    assert f"インシデント {incident.id} クローズ: 確認済み" in runbook
+    # A second press finds the incident closed, and changes nothing.
+    await client.click("postmerge:incident:rollback", value, OTHER_RESPONDER)
+    await wait_for(lambda: _async(any("閉じています" in text for text in ephemerals(slack))))
+    assert [item for item in await service.store.list_runs() if item.kind == "rollback"] == []
+
+
+async def test_two_responders_press_at_once_and_one_rollback_runs(failed_run, tmp_path):
+    client, slack, service, workdir, run, message = failed_run
+    value = button_value(message, "postmerge:incident:rollback")
+    statuses = await asyncio.gather(client.click("postmerge:incident:rollback", value, RESPONDER),
+                                    client.click("postmerge:incident:rollback", value, OTHER_RESPONDER))
+    assert statuses == [200, 200]
+    await asyncio.wait_for(approve_gates(client, slack, APPROVER, lambda: _closed(service, run.id)), 60)
+    rollbacks = [item for item in await service.store.list_runs() if item.kind == "rollback"]
+    assert len(rollbacks) == 1
+    assert rollbacks[0].status == "completed"
+    assert not (workdir / "prepared.txt").exists()
+    assert (await service.store.get_run(run.id)).status == "rolled_back"
+    incident = await service.store.incident_of_run(run.id)
+    assert incident.resolution == "rolled_back" and incident.rollback_run_id == rollbacks[0].id
+    loser = OTHER_RESPONDER if incident.action_by == RESPONDER else RESPONDER
+    await wait_for(lambda: _async(any("を選んでいます" in call.args.get("text", "")
+                                      for call in slack.calls_to("chat.postEphemeral")
+                                      if call.args.get("user") == loser)))
+    events = [event for event in await service.store.events(run.id) if event["type"] == "incident.action"]
+    assert len(events) == 1
+    # The rollback reported into the incident's thread, not into the runs channel.
+    thread = slack.thread(INCIDENTS, message["ts"])
+    assert any("ロールバック完了" in json.dumps(reply.get("blocks") or reply.get("text"), ensure_ascii=False)
+               for reply in thread)
+    runbook = (tmp_path / "runbooks" / "deploy.md").read_text(encoding="utf-8")
+    assert "## Status: rolled-back" in runbook
+
+
+async def test_emergency_action_runs_once_into_the_incident_thread(failed_run):
+    client, slack, service, workdir, run, message = failed_run
+    value = button_value(message, "postmerge:emergency:1")
+    await asyncio.gather(client.click("postmerge:emergency:1", value, RESPONDER),
+                         client.click("postmerge:emergency:1", value, OTHER_RESPONDER))
+
+    async def done() -> bool:
+        runs = [item for item in await service.store.list_runs() if item.kind == "emergency"]
+        return bool(runs) and runs[0].status == "completed"
+
+    await wait_for(done, 30)
+    assert len([item for item in await service.store.list_runs() if item.kind == "emergency"]) == 1
+    assert (workdir / "emergency.txt").read_text().strip() == "emergency"
+    # The incident stays open: an emergency action is not a resolution.
+    incident = await service.store.incident_of_run(run.id)
+    assert incident.open and incident.action is None
+
+
+async def test_retry_after_the_fix_completes_and_closes(failed_run, tmp_path):
+    client, slack, service, workdir, run, message = failed_run
+    runbook = tmp_path / "runbooks" / "deploy.md"
+    # The run keeps the plan it started with; the fix is in the environment, as a file the step reads.
+    assert (await service.store.get_run(run.id)).status == "failed"
+    plan_step = next(step for step in run.plan["phases"][0]["steps"] if step["id"] == "p1.2")
+    assert "exit 3" in plan_step["commands"][0]
+    value = button_value(message, "postmerge:incident:skip")
+    await client.click("postmerge:incident:skip", value, RESPONDER)
+    await wait_for(lambda: _closed(service, run.id), 30)
+    incident = await service.store.incident_of_run(run.id)
+    assert incident.resolution == "retried"
+    assert (await service.store.get_run(run.id)).status == "completed"
+    steps = {record.step_id: record.status for record in await service.store.steps(run.id)}
+    assert steps["p1.2"] == "skipped"
+    assert "インシデント" in runbook.read_text(encoding="utf-8")
+
+
+async def approve_gates(client, slack, user: str, done) -> None:
+    """Press every Approve and Done button in the incidents channel as user until done() is true."""
+    pressed: set[str] = set()
+    while not await done():
+        for (channel, _), message in list(slack.messages.items()):
+            if channel != INCIDENTS:
+                continue
+            for action_id in ("postmerge:approve", "postmerge:done"):
+                value = button_value(message, action_id)
+                if value is not None and value not in pressed:
+                    pressed.add(value)
+                    await client.click(action_id, value, user)
+        await asyncio.sleep(0.2)
+
+
+async def _closed(service, run_id: str) -> bool:
+    incident = await service.store.incident_of_run(run_id)
+    return incident is not None and not incident.open
+
+
+async def test_action_recorded_once_on_both_stores(store_url):
+    store = await Store.open(store_url)
+    try:
+        run_id = await store.create_run({}, [{"id": "s", "kind": "shell", "title": "s"}], runbook="r",
+                                        runbook_path="/r.md", environment="e", started_by="u")
+        incident, fresh = await store.open_incident(run_id, reason="failed", phase=1, step_id="s", data={})
+        assert fresh
+        results = await asyncio.gather(*(store.take_incident_action(incident.id, 1, "rollback", f"U{index}")
+                                         for index in range(8)))
+        assert sum(1 for won, _ in results if won) == 1
+        # A failure while the rollback is chosen does not ask again; a failed rollback does.
+        same, fresh = await store.open_incident(run_id, reason="aborted", phase=1, step_id="s", data={})
+        assert (same.round, fresh) == (1, False)
+        again, fresh = await store.open_incident(run_id, reason="rollback_failed", phase=1, step_id="r1.1",
+                                                 data={}, keep_rollback=False)
+        assert (again.id, again.round, again.action, fresh) == (incident.id, 2, None, True)
+        won, _ = await store.take_incident_action(incident.id, 1, "retry", "U1")
+        assert not won
+        assert await store.close_incident(incident.id, "acknowledged", "U1")
+        assert not await store.close_incident(incident.id, "rolled_back", "U2")
+    finally:
+        await store.close()
+
+
+def test_terminal_emergency_and_rollback_close_the_incident(tmp_path, home):
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    runbook = workdir / "deploy.md"
+    runbook.write_text(runbook_text(FAILING_TASKS, ORDER, ROLLBACK), encoding="utf-8")
+    env = cli_env(home)
+    failed = run_cli("run", str(runbook), "--yes", home=home, env=env, cwd=workdir)
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    assert "Recorded incident" in failed.stdout
+    assert "postmerge emergency" in failed.stdout
+    status = json.loads(run_cli("status", "--json", home=home, env=env).stdout)["runs"][0]
+    run_id = status["id"]
+    assert status["incident"]["status"] == "open" and status["incident"]["reason"] == "failed"
+
+    listed = run_cli("emergency", run_id, "2", "--yes", home=home, env=env, cwd=workdir)
+    assert listed.returncode == 2
+    assert "not something postmerge can carry out" in listed.stderr
+    assert "https://app.datadoghq.com/dashboard/emergency" in listed.stderr
+    emergency = run_cli("emergency", run_id, "1", "--yes", home=home, env=env, cwd=workdir)
+    assert emergency.returncode == 0, emergency.stdout + emergency.stderr
+    assert (workdir / "emergency.txt").exists()
+
+    rolled = run_cli("rollback", run_id, "--yes", home=home, env=env, cwd=workdir)
+    assert rolled.returncode == 0, rolled.stdout + rolled.stderr
+    assert "closed: rolled back" in rolled.stdout
+    assert not (workdir / "prepared.txt").exists()
+    rows = json.loads(run_cli("status", "--json", home=home, env=env).stdout)["runs"]
+    forward = next(row for row in rows if row["id"] == run_id)
+    assert forward["status"] == "rolled_back"
+    assert forward["incident"]["status"] == "closed" and forward["incident"]["resolution"] == "rolled_back"
+    table = run_cli("status", home=home, env=env).stdout
+    assert "rolled back" in table
+    notes = runbook.read_text(encoding="utf-8")
+    assert "Status: rolled-back" in notes
+    assert "緊急対応完了" in notes
+    again = run_cli("rollback", run_id, "--yes", home=home, env=env, cwd=workdir)
+    assert again.returncode == 2
