@@ -26,20 +26,28 @@ def register(app, service) -> None:
         await incident(service, client, body, action)
 
 
+def _private_replier(client, body: dict):
+    """Return a function that answers the person who pressed a button, visible only to them."""
+    user = body["user"]["id"]
+    channel = (body.get("channel") or {}).get("id") or (body.get("container") or {}).get("channel_id")
+
+    async def say_private(text: str) -> None:
+        try:
+            await client.chat_postEphemeral(channel=channel, user=user, text=text)
+        except Exception as error:  # noqa: BLE001 - the reply is lost; the state is in the store
+            log.warning("ephemeral reply to %s failed: %s", user, error)
+
+    return say_private
+
+
 async def incident(service, client, body: dict, action: dict) -> None:
     """Carry out an incident button: roll back, an emergency action, retry, skip, re-run a phase or acknowledge."""
     from bot.slack.incidents import ACTION_PREFIX
     from bot.slack.service import decided_at_text
 
     user = body["user"]["id"]
-    channel = (body.get("channel") or {}).get("id") or (body.get("container") or {}).get("channel_id")
     locale = service.settings.locale
-
-    async def say_private(text: str) -> None:
-        try:
-            await client.chat_postEphemeral(channel=channel, user=user, text=text)
-        except Exception as error:  # noqa: BLE001 - the reply is lost; the incident's state is in the store
-            log.warning("ephemeral reply to %s failed: %s", user, error)
+    say_private = _private_replier(client, body)
 
     try:
         value = json.loads(action.get("value") or "")
@@ -85,14 +93,8 @@ async def decide(service, client, body: dict, action: dict, decision: str) -> No
     from bot.slack.service import decided_at_text
 
     user = body["user"]["id"]
-    channel = (body.get("channel") or {}).get("id") or (body.get("container") or {}).get("channel_id")
     locale = service.settings.locale
-
-    async def say_private(text: str) -> None:
-        try:
-            await client.chat_postEphemeral(channel=channel, user=user, text=text)
-        except Exception as error:  # noqa: BLE001 - the reply is lost; the decision state is in the store
-            log.warning("ephemeral reply to %s failed: %s", user, error)
+    say_private = _private_replier(client, body)
 
     try:
         value = json.loads(action.get("value") or "")

@@ -206,12 +206,12 @@ async def test_retry_after_the_fix_completes_and_closes(failed_run, tmp_path):
     assert "インシデント" in runbook.read_text(encoding="utf-8")
 
 
-async def approve_gates(client, slack, user: str, done) -> None:
-    """Press every Approve and Done button in the incidents channel as user until done() is true."""
+async def approve_gates(client, slack, user: str, done, channels: tuple[str, ...] = (INCIDENTS,)) -> None:
+    """Press every Approve and Done button in the channels as user until done() is true."""
     pressed: set[str] = set()
     while not await done():
         for (channel, _), message in list(slack.messages.items()):
-            if channel != INCIDENTS:
+            if channel not in channels:
                 continue
             for action_id in ("postmerge:approve", "postmerge:done"):
                 value = button_value(message, action_id)
