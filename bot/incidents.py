@@ -2,7 +2,7 @@
 
 An incident belongs to a forward run. It opens when the run fails (a failed
 or timed-out step, a monitor breach), when it is aborted during a traffic
-phase, or when a step that nobody may safely repeat was interrupted. Each
+phase, or when a step that is not safe to repeat was interrupted. Each
 time it asks for a decision is a round; the store records one action per
 round, however many people press at once. It closes when the run is rolled
 back, when the run completes after a retry, skip or re-run, or when someone
@@ -37,7 +37,7 @@ def traffic_phase(plan: Plan, phase: int | None) -> bool:
 def failure_reason(status: str, step: Step | None) -> str:
     if status == "aborted":
         return "aborted"
-    if step is not None and step.kind in ("monitor", "traffic"):
+    if step is not None and step.kind == "monitor":
         return "monitor"
     return "timed_out" if status == "timed_out" else "failed"
 

@@ -529,6 +529,11 @@ class Planner:
             step.kind = "shell"
             step.automated = False
             step.manual_reason = "manual.placeholder"
+        elif command == "pg_restore":
+            # Without a file and a database, pg_restore reads standard input and prints SQL: it restores nothing.
+            step.kind = "shell"
+            step.automated = False
+            step.manual_reason = "manual.pg_restore_bare"
         else:
             step.kind = "shell"
             step.run_command = command

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from bot.config import Settings
-from conftest import cli_env, run_cli
+from conftest import REAL_RUNBOOK, cli_env, run_cli
 from slack_emulator import SlackEmulator
 from storage import Store
 from test_engine import runbook_text
@@ -83,7 +83,8 @@ async def test_failure_opens_incident_with_everything_a_responder_needs(failed_r
     text = json.dumps(message["blocks"], ensure_ascii=False)
     assert run.status == "failed"
     assert "🚨 インシデント: sample（local）ステップ失敗" in text
-    assert "Phase 1 準備" in text and "`p1.2` deploy（shell）" in text
+    assert "Phase 1 準備" in text
+    assert "`p1.2` deploy（shell）" in text
     assert f"<@{USER}>" in text
     assert "<https://app.datadoghq.com/dashboard/emergency|監視ダッシュボード> 🆘" in text
     assert "dashboard/deploys" in text
@@ -100,7 +101,7 @@ async def test_failure_opens_incident_with_everything_a_responder_needs(failed_r
                if block.get("type") == "actions"]
     assert actions == ["postmerge:incident:rollback", "postmerge:emergency:1", "postmerge:incident:retry",
                        "postmerge:incident:skip", "postmerge:incident:acknowledge"]
-    # What Roll back would run is listed, so nobody presses it blind.
+    # The message lists what Roll back would run, so a responder sees it before pressing.
     assert "`r1.1` 片付け" in text
 
 
@@ -142,7 +143,7 @@ async def test_acknowledge_closes_and_every_view_agrees(failed_run, tmp_path):
     assert [item for item in await service.store.list_runs() if item.kind == "rollback"] == []
 
 
-async def test_two_responders_press_at_once_and_one_rollback_runs(failed_run, tmp_path):
+async def test_simultaneous_rollback_presses_run_once(failed_run, tmp_path):
     client, slack, service, workdir, run, message = failed_run
     value = button_value(message, "postmerge:incident:rollback")
     statuses = await asyncio.gather(client.click("postmerge:incident:rollback", value, RESPONDER),
@@ -155,7 +156,8 @@ async def test_two_responders_press_at_once_and_one_rollback_runs(failed_run, tm
     assert not (workdir / "prepared.txt").exists()
     assert (await service.store.get_run(run.id)).status == "rolled_back"
     incident = await service.store.incident_of_run(run.id)
-    assert incident.resolution == "rolled_back" and incident.rollback_run_id == rollbacks[0].id
+    assert incident.resolution == "rolled_back"
+    assert incident.rollback_run_id == rollbacks[0].id
     loser = OTHER_RESPONDER if incident.action_by == RESPONDER else RESPONDER
     await wait_for(lambda: _async(any("を選んでいます" in call.args.get("text", "")
                                       for call in slack.calls_to("chat.postEphemeral")
@@ -264,6 +266,13 @@ def test_terminal_emergency_and_rollback_close_the_incident(tmp_path, home):
     run_id = status["id"]
     assert status["incident"]["status"] == "open" and status["incident"]["reason"] == "failed"
 
+    # A resume is the incident's retry: recorded on it, and a second failure asks again in a new round.
+    resumed = run_cli("resume", run_id, "--yes", home=home, env=env, cwd=workdir)
+    assert resumed.returncode == 1
+    again_open = json.loads(run_cli("status", "--json", home=home, env=env).stdout)["runs"][0]["incident"]
+    assert again_open["round"] == 2
+    assert again_open["action"] is None
+
     listed = run_cli("emergency", run_id, "2", "--yes", home=home, env=env, cwd=workdir)
     assert listed.returncode == 2
     assert "not something postmerge can carry out" in listed.stderr
@@ -287,3 +296,106 @@ def test_terminal_emergency_and_rollback_close_the_incident(tmp_path, home):
     assert "緊急対応完了" in notes
     again = run_cli("rollback", run_id, "--yes", home=home, env=env, cwd=workdir)
     assert again.returncode == 2
+
+
+class AbortAtMonitor:
+    """Approve every gate, and abort the run at its monitor step, as a person watching the shift would."""
+
+    async def answer(self, request):
+        from bot.gates import GateAnswer
+
+        if request.step.kind == "monitor":
+            return GateAnswer("abort", "U0WATCHER")
+        return GateAnswer({"approval": "approved", "manual": "done"}[request.kind], "tester")
+
+
+async def test_abort_in_traffic_phase_opens_incident(store_url, tmp_path):
+    from test_engine import start_run
+
+    text = runbook_text("- [ ] one: `echo one`",
+                        "**Phase 1: a（1分）**\n1. one\n\n**Phase 2: traffic（5分）**\n1. 監視（5分）")
+    store, engine, run_id, _ = await start_run(store_url, text, tmp_path)
+    engine.interaction = AbortAtMonitor()
+    try:
+        outcome = await engine.drive(run_id)
+        assert outcome.status == "aborted"
+        incident = await store.incident_of_run(run_id)
+        assert incident.reason == "aborted"
+        assert incident.phase == 2
+        assert incident.step_id == "p2.1"
+    finally:
+        await store.close()
+
+
+async def test_abort_outside_traffic_opens_nothing(store_url, tmp_path):
+    from test_engine import start_run
+
+    text = runbook_text("- [ ] one: `echo one`\n- [ ] two: `echo two`",
+                        "**Phase 1: a（1分）**\n1. one\n2. 承認")
+    store, engine, run_id, _ = await start_run(store_url, text, tmp_path)
+    engine.interaction = AbortAtMonitor()
+
+    class AbortAll:
+        async def answer(self, request):
+            from bot.gates import GateAnswer
+
+            return GateAnswer("abort", "U0WATCHER")
+
+    engine.interaction = AbortAll()
+    try:
+        assert (await engine.drive(run_id)).status == "aborted"
+        assert await store.incident_of_run(run_id) is None
+    finally:
+        await store.close()
+
+
+def test_rollback_plan_asks_before_what_cannot_be_undone(tmp_path):
+    from bot.parser import parse_runbook
+    from bot.planner import build_plan
+    from bot.rollback import build_rollback_plan, rollback_steps
+    from storage import RunRecord
+
+    runbook = parse_runbook(Path(REAL_RUNBOOK).read_text(encoding="utf-8"), str(REAL_RUNBOOK))
+    plan, _ = build_plan(runbook)
+    database = next(group for group in plan.rollback if group.phases == [1, 2])
+    traffic = next(group for group in plan.rollback if group.phases == [6])
+    # "修正後、Phase 6を再実行" is the incident's re-run button, not a step a rollback waits on.
+    assert traffic.rerun_phase == 6
+    assert [step.title for step in traffic.steps] == ["トラフィック 100% → Green (v1)", "Blue環境調査・修正"]
+    assert plan.links[0].url == "https://app.datadoghq.com/dashboard/emergency"
+    assert plan.links[0].emergency
+
+    run = RunRecord(id="r", kind="run", parent_run_id=None, runbook=plan.runbook, runbook_path="/x.md",
+                    environment="default", status="failed", plan=plan.model_dump(mode="json"), started_by="u",
+                    created_at=0, started_at=0, finished_at=1, current_phase=2, failed_phase=2, failed_step="p2.1",
+                    error="x", abort_requested_by=None, owner=None, heartbeat_at=None)
+    steps = {step.id: step for step in rollback_steps(build_rollback_plan(run, [], "undo"))}
+    assert [step_id for step_id in steps] == [step.id for step in database.steps]
+    # kill -INT <pid> and npm run db:verify run without asking; the migration rollback asks.
+    assert not steps["r1.1"].requires_approval
+    assert steps["r1.2"].requires_approval
+    assert not steps["r1.4"].requires_approval
+    # A bare pg_restore names no backup, so without a mapped command a person restores it.
+    assert not steps["r1.3"].automated
+    assert steps["r1.3"].manual_reason == "manual.pg_restore_bare"
+
+
+def test_emergency_item_that_is_a_link_is_refused():
+    from bot.errors import UsageError
+    from bot.parser import parse_runbook
+    from bot.planner import build_plan
+    from bot.rollback import build_emergency_plan
+    from storage import RunRecord
+
+    runbook = parse_runbook(Path(REAL_RUNBOOK).read_text(encoding="utf-8"), str(REAL_RUNBOOK))
+    plan, _ = build_plan(runbook)
+    run = RunRecord(id="r", kind="run", parent_run_id=None, runbook=plan.runbook, runbook_path="/x.md",
+                    environment="default", status="failed", plan=plan.model_dump(mode="json"), started_by="u",
+                    created_at=0, started_at=0, finished_at=1, current_phase=3, failed_phase=3, failed_step=None,
+                    error=None, abort_requested_by=None, owner=None, heartbeat_at=None)
+    with pytest.raises(UsageError) as refused:
+        build_emergency_plan(run, 2, "emergency")
+    assert "https://app.datadoghq.com/dashboard/emergency" in refused.value.render("en")
+    with pytest.raises(UsageError) as unknown:
+        build_emergency_plan(run, 9, "emergency")
+    assert "1: トラフィック即座に v1 へ" in unknown.value.render("en")

@@ -197,9 +197,11 @@ class SlackService:
             notifier.root_ts[root_ts[0]] = root_ts[1]
         if parent_ts is not None:
             notifier.parent_ts[parent_ts[0]] = parent_ts[1]
-        notifiers = [notifier, IncidentNotifier(self.incidents)]
+        notifiers = [notifier]
         if environment.writeback and runbook_path.is_file():
             notifiers.append(RunbookWriteback(runbook_path, language))
+        # Last, because posting an incident waits for Slack's pacing, and the runbook's Notes need not.
+        notifiers.append(IncidentNotifier(self.incidents))
         interaction = SlackInteraction(self, environment, notifier, channel, locale)
         engine = Engine(self.store, environment, interaction, notifiers, home=self.settings.home, locale=locale,
                         actor=actor)
@@ -314,7 +316,9 @@ class SlackService:
         rollback chosen just before a bot stopped starts after its restart.
         """
         for incident in await self.store.list_incidents(limit=200):
-            if not incident.open and (incident.data or {}).get("shown", {}).get("status") == "closed":
+            # A closed incident is posted only if it was posted while open: a late post would be noise.
+            if not incident.open and (incident.ts is None or (incident.data or {}).get("shown", {}).get("status")
+                                      == "closed"):
                 continue
             await self.incidents.sync(incident.id)
             if incident.open and incident.action == "rollback" and incident.rollback_run_id is None:
