@@ -37,7 +37,7 @@ ROLLBACK = (
 )
 
 
-def write_setup(tmp_path: Path) -> tuple[Path, Path, Path]:
+def write_setup(tmp_path: Path, rollback: str = ROLLBACK) -> tuple[Path, Path, Path]:
     runbooks = tmp_path / "runbooks"
     runbooks.mkdir()
     workdir = tmp_path / "work"
@@ -48,7 +48,7 @@ def write_setup(tmp_path: Path) -> tuple[Path, Path, Path]:
         f'slack_runs_channel = "{CHANNEL}"\nslack_incidents_channel = "{INCIDENTS}"\n'
         f'approvers = ["{APPROVER}"]\nincident_responders = ["{RESPONDER}", "{OTHER_RESPONDER}"]\n'
         f'oncall = ["{ONCALL}"]\n')
-    (runbooks / "deploy.md").write_text(runbook_text(FAILING_TASKS, ORDER, ROLLBACK), encoding="utf-8")
+    (runbooks / "deploy.md").write_text(runbook_text(FAILING_TASKS, ORDER, rollback), encoding="utf-8")
     return runbooks, workdir, config
 
 
@@ -66,9 +66,9 @@ def button_value(message: dict, action_id: str) -> str | None:
 
 
 @pytest.fixture
-async def failed_run(tmp_path):
+async def failed_run(tmp_path, request):
     """Start the failing runbook from Slack; yield once its incident is posted."""
-    runbooks, workdir, config = write_setup(tmp_path)
+    runbooks, workdir, config = write_setup(tmp_path, getattr(request, "param", ROLLBACK))
     async with SlackEmulator() as slack:
         settings = Settings(home=tmp_path / "home", config=config, locale="ja")
         async with serve_bot(settings, slack, runbooks, tmp_path / "store.db") as (client, service):
@@ -221,6 +221,42 @@ async def approve_gates(client, slack, user: str, done, channels: tuple[str, ...
                     pressed.add(value)
                     await client.click(action_id, value, user)
         await asyncio.sleep(0.2)
+
+
+BROKEN_ROLLBACK = ROLLBACK.replace("2. 確認: `test ! -e prepared.txt`", "2. 後片付け: `test -e never-there`")
+
+
+@pytest.mark.parametrize("failed_run", [BROKEN_ROLLBACK], indirect=True)
+async def test_failed_rollback_asks_again_and_skip_finishes(failed_run):
+    client, slack, service, workdir, run, message = failed_run
+    await client.click("postmerge:incident:rollback", button_value(message, "postmerge:incident:rollback"),
+                       RESPONDER)
+
+    async def asked_again() -> bool:
+        incident = await service.store.incident_of_run(run.id)
+        return incident.round == 2
+
+    await asyncio.wait_for(approve_gates(client, slack, APPROVER, asked_again), 60)
+    incident = await service.store.incident_of_run(run.id)
+    assert incident.reason == "rollback_failed"
+    assert incident.step_id == "r1.2"
+    assert incident.open
+
+    async def offered() -> dict | None:
+        edited = slack.messages[(INCIDENTS, message["ts"])]
+        return edited if button_value(edited, "postmerge:incident:skip") else None
+
+    edited = await wait_for(offered)
+    assert "ロールバック失敗" in json.dumps(edited["blocks"], ensure_ascii=False)
+    assert button_value(edited, "postmerge:incident:rollback") is None
+    await client.click("postmerge:incident:skip", button_value(edited, "postmerge:incident:skip"), RESPONDER)
+    await asyncio.wait_for(approve_gates(client, slack, APPROVER, lambda: _closed(service, run.id)), 60)
+    incident = await service.store.incident_of_run(run.id)
+    assert incident.resolution == "rolled_back"
+    rollback = await service.store.get_run(incident.rollback_run_id)
+    assert rollback.status == "completed"
+    steps = {record.step_id: record.status for record in await service.store.steps(rollback.id)}
+    assert steps["r1.2"] == "skipped"
 
 
 async def _closed(service, run_id: str) -> bool:

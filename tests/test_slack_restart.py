@@ -165,3 +165,35 @@ async def test_repeated_delivery_starts_one_run(tmp_path):
             assert len(await store.list_runs()) == 1
         finally:
             await store.close()
+
+
+async def test_interrupted_step_incident_retry_button(tmp_path):
+    workdir = write_environment(
+        tmp_path, "- [ ] one: `echo one`\n- [ ] slow: `test -f marker || { touch marker; sleep 60; }`",
+        "**Phase 1: a（1分）**\n1. one\n2. slow")
+    port = free_port()
+    async with SlackEmulator() as slack, aiohttp.ClientSession() as session:
+        client = Bot(f"http://127.0.0.1:{port}/slack/events", session)
+        async with bot_process(tmp_path, slack, port, client) as first:
+            await client.command("start notice local")
+            await wait_for(lambda: _async((workdir / "marker").exists()))
+            first.kill()
+            first.wait(10)
+
+        async with bot_process(tmp_path, slack, port, client):
+            # No incidents channel is set, so the incident goes to the runs channel, beside the question.
+            retry = await wait_for(lambda: _async(buttons(slack, "postmerge:incident:retry")))
+            value, message = retry[0]
+            assert "Incident" in str(message["blocks"])
+            assert "interrupted step" in str(message["blocks"])
+            await client.click("postmerge:incident:retry", value, USER)
+            await wait_for(lambda: _async(any("not an incident responder" in text for text in ephemerals(slack))))
+            await client.click("postmerge:incident:retry", value, APPROVER)
+            await wait_for(lambda: _async(any("completed" in str(root.get("blocks")) for root in root_messages(slack)
+                                              if "Incident" not in str(root.get("blocks")))))
+        status, events = await run_events(tmp_path)
+        assert status == "completed"
+        types = [event["type"] for event in events]
+        assert "interrupted.decided" in types
+        assert types.count("incident.action") == 1
+        assert "incident.closed" in types
