@@ -330,7 +330,7 @@ async def rollback_command(args, console: Console, locale: str, settings: Settin
     if incident is not None and incident.open and incident.action not in (None, "rollback"):
         from bot import incidents
 
-        incidents.check_action(incident, Plan.model_validate(run.plan), "rollback")
+        incidents.check_action(incident, Plan.model_validate(run.plan), "rollback", locale)
     records = await store.steps(run.id)
     rollback_plan = build_rollback_plan(run, records, translate("rollback.inverse_title", locale))
     engine = _engine(settings, store, environment, locale, console, yes=args.yes,

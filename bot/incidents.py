@@ -72,20 +72,20 @@ def emergency_steps(plan: Plan) -> list[Step]:
     return [step for step in plan.emergency if step.automated]
 
 
-def check_action(incident: IncidentRecord, plan: Plan, action: str) -> None:
+def check_action(incident: IncidentRecord, plan: Plan, action: str, locale: str | None = None) -> None:
     """Raise UsageError naming what happened when the incident does not offer action now."""
     if not incident.open:
         raise UsageError("incident.closed_already", incident_id=incident.id,
-                         resolution=translate(f"incident.resolution_{incident.resolution}"),
+                         resolution=translate(f"incident.resolution_{incident.resolution}", locale),
                          actor=incident.closed_by or "-")
     if incident.action is not None:
         raise UsageError("incident.acted_already", incident_id=incident.id,
-                         action=translate(f"incident.action_{incident.action}"), actor=incident.action_by or "-",
+                         action=translate(f"incident.action_{incident.action}", locale), actor=incident.action_by or "-",
                          at=time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(incident.action_at or 0)))
     if action not in allowed_actions(incident, plan):
         raise UsageError("incident.action_not_offered", incident_id=incident.id,
-                         action=translate(f"incident.action_{action}"),
-                         reason=translate(f"incident.reason_{incident.reason}"))
+                         action=translate(f"incident.action_{action}", locale),
+                         reason=translate(f"incident.reason_{incident.reason}", locale))
 
 
 def failure_details(run: RunRecord, records: list[StepRecord], step_id: str | None) -> dict:

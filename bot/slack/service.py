@@ -348,12 +348,13 @@ class SlackService:
 
         incident = await self.store.get_incident(incident_id)
         run = await self.store.get_run(incident.run_id)
-        await self.check_responder(user_id, self.environment(run.environment))
+        environment = self.environment(run.environment)
+        await self.check_responder(user_id, environment)
         if incident.round != round_number and incident.open and incident.action is None:
             raise UsageError("incident.stale_button", incident_id=incident.id)
         if incident.action is not None or not incident.open:
             return False, incident
-        incidents.check_action(incident, Plan.model_validate(run.plan), action)
+        incidents.check_action(incident, Plan.model_validate(run.plan), action, self.locale(environment))
         won, incident = await self.store.take_incident_action(incident.id, round_number, action, user_id)
         if not won:
             return False, incident
@@ -362,8 +363,10 @@ class SlackService:
         return True, incident
 
     async def _carry_out(self, incident_id: str) -> None:
+        action = "?"
         try:
             incident = await self.store.get_incident(incident_id)
+            action = incident.action or "?"
             if incident.action == "acknowledge":
                 await self._acknowledge(incident)
             elif incident.action == "rollback":
@@ -375,7 +378,7 @@ class SlackService:
         except PostmergeError as error:
             await self._incident_problem(incident_id, error)
         except Exception as error:  # noqa: BLE001 - reported in the incident thread and logged with its traceback
-            log.exception("incident %s: %s failed", incident_id, "action")
+            log.exception("incident %s: %s failed", incident_id, action)
             await self._incident_problem(incident_id, error)
 
     async def _incident_problem(self, incident_id: str, error: Exception) -> None:
@@ -534,7 +537,7 @@ class SlackService:
             from bot import incidents
             from bot.plan import Plan
 
-            incidents.check_action(incident, Plan.model_validate(run.plan), "rollback")
+            incidents.check_action(incident, Plan.model_validate(run.plan), "rollback", self.locale(environment))
         number = int(step_id.removeprefix("e."))
         locale = self.locale(environment)
         plan = build_emergency_plan(run, number, translate("incident.emergency_title", locale))
