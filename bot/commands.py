@@ -332,7 +332,7 @@ async def rollback_command(args, console: Console, locale: str, settings: Settin
 
         incidents.check_action(incident, Plan.model_validate(run.plan), "rollback", locale)
     records = await store.steps(run.id)
-    rollback_plan = build_rollback_plan(run, records, translate("rollback.inverse_title", locale))
+    rollback_plan = build_rollback_plan(run, records, translate("rollback.inverse_title", locale), locale=locale)
     engine = _engine(settings, store, environment, locale, console, yes=args.yes,
                      runbook_path=Path(run.runbook_path), language=rollback_plan.language)
     steps = rollback_steps(rollback_plan)
@@ -400,9 +400,13 @@ async def _confirm_rollback(console: Console, locale: str, run_id: str, steps, *
             mode += " + " + translate("plan.approval", locale)
         console.print(Text(f"  {step.id}  [{step.kind}, {mode}]  {step.title}"), highlight=False)
         command = step.run_command or (step.commands[0] if step.commands else None)
-        if command:
+        if command and step.undoes:
+            # An inverse runs the executor's undo of the command, not the command itself.
+            console.print(Text("        " + translate("rollback.undoes", locale, command=command), style="dim"),
+                          highlight=False)
+        elif command:
             console.print(Text(f"        $ {command}", style="dim"), highlight=False)
-    reader = StdinLines()
+    reader = StdinLines.shared()
     while True:
         console.print(Text(translate("cli.rollback_confirm", locale)), end="")
         answer = await reader.readline()
@@ -506,7 +510,7 @@ async def status_command(args, console: Console, locale: str, store) -> int:
             phase += " " + t("status.traffic", weight=row["traffic_weight"])
         if row["incident"] is not None:
             phase += " " + incident_summary(row["incident"], locale)
-        kind = "" if row["kind"] == "run" else f" ↩ {row['parent_run_id']}"
+        kind = {"run": "", "emergency": f" ⚡ {row['parent_run_id']}"}.get(row["kind"], f" ↩ {row['parent_run_id']}")
         state = t(f"status.{row['status']}")
         if row["orphaned"]:
             state = t("status.orphaned", run_id=row["id"])

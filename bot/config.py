@@ -8,6 +8,7 @@ command substitutions that make a runbook's lines runnable there.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Literal
@@ -18,6 +19,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from bot.errors import ConfigError
 
 SANDBOX = "sandbox"
+_SLACK_CHANNEL_ID = re.compile(r"^[CGD][A-Z0-9]{2,}$")
+_SLACK_MEMBER_ID = re.compile(r"^[UWS][A-Z0-9]{2,}$")
 
 
 def default_home() -> Path:
@@ -223,6 +226,23 @@ class Environment(BaseModel):
     # Credentials by variable name, such as CLOUDFLARE_API_TOKEN. Unlike `variables`,
     # they are never given to shell steps, and their values are masked in step output.
     secrets: dict[str, SecretStr] = Field(default_factory=dict)
+
+    @field_validator("slack_runs_channel", "slack_incidents_channel")
+    @classmethod
+    def _check_channel_id(cls, value: str | None) -> str | None:
+        if value is not None and not _SLACK_CHANNEL_ID.match(value):
+            raise ValueError(f"{value!r} is not a Slack channel ID; use the ID such as C0123ABCD "
+                             "(in Slack: the channel's name, then the ID at the bottom of About), not its #name")
+        return value
+
+    @field_validator("starters", "approvers", "incident_responders", "oncall")
+    @classmethod
+    def _check_member_ids(cls, values: list[str]) -> list[str]:
+        for value in values:
+            if not _SLACK_MEMBER_ID.match(value):
+                raise ValueError(f"{value!r} is not a Slack user ID (U…, W…) or user group ID (S…); copy a user's "
+                                 "ID from their profile (⋮, Copy member ID), not a name or an @handle")
+        return values
 
     @model_validator(mode="after")
     def _protected_runs_in_real_time(self) -> Environment:

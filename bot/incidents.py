@@ -174,7 +174,8 @@ async def incident_view(store: Store, incident: IncidentRecord, locale: str) -> 
     plan = Plan.model_validate(run.plan)
     try:
         preview = rollback_steps(build_rollback_plan(run, await store.steps(run.id),
-                                                     translate("rollback.inverse_title", locale), check_status=False))
+                                                     translate("rollback.inverse_title", locale), check_status=False,
+                                                     locale=locale))
     except UsageError:
         preview = []
     emergency_done = {}

@@ -3,8 +3,10 @@
 A rollback runs the runbook's rollback groups that cover the phase the run
 failed in. Before them come the inverses of the succeeded steps of those
 phases whose executors can undo them, newest first, such as restoring the
-previous value of an environment variable. A step of a rollback group that
-nothing can undo, such as `pg_restore`, waits for an approval first.
+previous value of an environment variable. Log collection steps of the
+groups run first of all, while the objects they read still exist. A step
+of a rollback group that nothing can undo, such as `pg_restore`, waits for
+an approval first.
 """
 
 from __future__ import annotations
@@ -24,12 +26,12 @@ _SIGNAL = re.compile(r"^kill\s+-\w+\s+<pid>$")
 
 
 def build_rollback_plan(run: RunRecord, records: list[StepRecord], locale_title: str, *,
-                        check_status: bool = True) -> Plan:
+                        check_status: bool = True, locale: str | None = None) -> Plan:
     """Return the rollback plan of a failed or aborted run; with check_status=False, of any run, to preview it."""
     if run.kind != "run":
         raise UsageError("rollback.not_a_forward_run", run_id=run.id)
     if check_status and run.status not in ROLLBACK_FROM:
-        raise UsageError("rollback.wrong_status", run_id=run.id, status=translate(f"status.{run.status}"))
+        raise UsageError("rollback.wrong_status", run_id=run.id, status=translate(f"status.{run.status}", locale))
 
     plan = Plan.model_validate(run.plan)
     phase = run.failed_phase if run.failed_phase is not None else run.current_phase
@@ -56,17 +58,30 @@ def build_rollback_plan(run: RunRecord, records: list[StepRecord], locale_title:
         inverse.phase = None
         inverses.append(inverse)
 
+    # Logs are collected before anything is deleted, or nothing would be left to collect.
+    evidence: list[Step] = []
+    copied_groups = []
+    for group in groups:
+        copied = group.model_copy(deep=True)
+        evidence += [step for step in copied.steps if _collects_logs(step)]
+        copied.steps = [step for step in copied.steps if not _collects_logs(step)]
+        copied_groups.append(copied)
+
     rollback_groups: list[RollbackGroupPlan] = []
+    if evidence:
+        for step in evidence:
+            step.phase = None
+        rollback_groups.append(RollbackGroupPlan(phases=sorted(covered), title=translate("rollback.evidence_title", locale),
+                                                 source_line=evidence[0].source_line, steps=evidence))
     if inverses:
         rollback_groups.append(RollbackGroupPlan(phases=sorted(covered), title=locale_title, source_line=0,
                                                  steps=inverses))
-    for group in groups:
-        copied = group.model_copy(deep=True)
+    for copied in copied_groups:
         for step in copied.steps:
             step.phase = None
             if cannot_be_undone(step):
                 step.requires_approval = True
-                step.approval_note = translate("rollback.cannot_undo_note")
+                step.approval_note = translate("rollback.cannot_undo_note", locale)
         rollback_groups.append(copied)
     if not any(group.steps for group in rollback_groups):
         raise UsageError("rollback.nothing_to_do", run_id=run.id, phase=phase if phase is not None else "-")
@@ -78,6 +93,14 @@ def build_rollback_plan(run: RunRecord, records: list[StepRecord], locale_title:
     })
     return plan.model_copy(update={"phases": [], "verification": [], "rollback": rollback_groups, "emergency": [],
                                    "undo_task_lines": undo_lines})
+
+
+def _collects_logs(step: Step) -> bool:
+    if step.kind != "kubernetes" or not step.automated:
+        return False
+    from steps.kubernetes import action_of
+
+    return action_of(step) == "logs"
 
 
 def cannot_be_undone(step: Step) -> bool:

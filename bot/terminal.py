@@ -234,7 +234,7 @@ class TerminalInteraction:
         self.console = console
         self.view = view
         self.locale = locale
-        self.reader = StdinLines()
+        self.reader = StdinLines.shared()
 
     async def answer(self, request: GateRequest) -> GateAnswer:
         if self.view is not None:
@@ -271,6 +271,9 @@ class TerminalInteraction:
             self.console.print(Text(t("gate.invalid_choice", value=raw.strip(), choices=", ".join(keys))))
 
 
+_SHARED_STDIN: StdinLines | None = None
+
+
 class StdinLines:
     """Read lines of standard input on the event loop, without a thread.
 
@@ -283,6 +286,18 @@ class StdinLines:
         self.fd = fd
         self.pending = b""
         self.closed = False
+
+    @classmethod
+    def shared(cls) -> StdinLines:
+        """Return the process's one reader of standard input.
+
+        Every prompt reads through it, so lines piped in advance and read in
+        one chunk by an earlier prompt are kept for the later ones.
+        """
+        global _SHARED_STDIN
+        if _SHARED_STDIN is None:
+            _SHARED_STDIN = cls()
+        return _SHARED_STDIN
 
     def discard_typeahead(self) -> None:
         """Drop what a person typed before the prompt appeared; only on a terminal.

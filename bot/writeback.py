@@ -90,9 +90,12 @@ class RunbookWriteback:
         self.run_started = event.data.get("started_at") or time.time()
         stamp = _stamp()
         if event.data.get("kind") in ("rollback", "emergency"):
+            details = [self._t("writeback.started_detail", run_id=event.run_id, environment=event.plan.environment)]
+            if event.data["kind"] == "emergency":
+                # Name the action, since a runbook may list several under 緊急時.
+                details += [f"{step.id} {step.title}" for group in event.plan.rollback for step in group.steps]
             self._edit(lambda lines: _append_note(lines, stamp, self._t(f"writeback.note_{event.data['kind']}_started"),
-                                                  [self._t("writeback.started_detail", run_id=event.run_id,
-                                                           environment=event.plan.environment)]))
+                                                  details))
             return
 
         def change(lines: list[str]) -> list[str]:
@@ -170,7 +173,9 @@ class RunbookWriteback:
     def _on_incident_opened(self, event: RunEvent) -> None:
         reason = self._t(f"incident.reason_{event.data.get('reason', 'failed')}")
         heading = self._t("writeback.note_incident_opened", incident_id=event.data["incident"], reason=reason)
-        details = [self._t("writeback.incident_round", round=event.data.get("round", 1))]
+        # A later round means a retry or the rollback failed, and a decision is needed again.
+        details = [self._t("writeback.incident_round", round=event.data["round"])] if event.data.get("round", 1) > 1 \
+            else []
         self._edit(lambda lines: _append_note(lines, _stamp(), heading, details))
 
     def _on_incident_closed(self, event: RunEvent) -> None:

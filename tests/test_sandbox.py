@@ -539,3 +539,24 @@ async def test_load_rate_change_restarts_generator(home: Path, monkeypatch: pyte
     # A run without the variable judges the rate the generator was started with.
     monkeypatch.delenv("POSTMERGE_SANDBOX_LOAD_RATE")
     assert sandbox_environment(home).monitor.thresholds["throughput_rps"] == 15
+
+
+async def test_unhealthy_switch_fails_health_not_reset(home: Path):
+    import aiohttp
+
+    await up(home)
+    set_switch(home, "v2-unhealthy", True)
+    # The sandbox checks readiness on a path no switch affects, so a reset still works with the switch on.
+    second = await up(home, reset=True)
+    url = second["service"]["url"]
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{url}/v2/health") as response:
+            assert response.status == 503
+            assert (await response.json())["detail"] == "injected by the sandbox switch v2-unhealthy"
+        async with session.get(f"{url}/_sandbox/ready") as response:
+            assert response.status == 200
+    set_switch(home, "v2-unhealthy", False)
+    # The service reads the switch file at most every 0.5 s.
+    await asyncio.sleep(0.6)
+    async with aiohttp.ClientSession() as session, session.get(f"{url}/v2/health") as response:
+        assert response.status == 200

@@ -109,6 +109,9 @@ async def up(home: Path, *, reset: bool = False) -> dict[str, Any]:
         "created_at": previous.get("created_at", now),
         "seeded_at": now if "seeded" in changes else previous.get("seeded_at", now),
         "service": last_service,
+        # Kept from the start, so a failure below still leaves every running service recorded for `down`.
+        "services": dict(previous.get("services") or {}),
+        "nginx": previous.get("nginx"),
     }
     # From here on the sandbox counts as set up, even if the service fails to start.
     write_state(paths, state)
@@ -132,7 +135,6 @@ async def up(home: Path, *, reset: bool = False) -> dict[str, Any]:
         changes.append(f"{spec.name}_started" if spec.name != "v2" else "service_started")
 
     await ensure(_process.ServiceSpec.v2(paths), last_service, lambda entry: state.__setitem__("service", entry))
-    state["services"] = dict(previous.get("services") or {})
     if reset:
         # The emulators start again from their seed: Green `api` at 2 replicas, no rules, dashboards or releases.
         for spec in _extra_services(paths):

@@ -42,7 +42,8 @@ class ServiceSpec:
     log: Path
     arguments: tuple[str, ...] = ()
     # A GET of this path must return 200 with {"status": "ok"}; None accepts any HTTP response.
-    health_path: str | None = "/v2/health"
+    # The v2 service's readiness path, which no fault switch affects (v2-unhealthy fails /v2/health).
+    health_path: str | None = "/_sandbox/ready"
 
     @classmethod
     def v2(cls, paths: SandboxPaths) -> ServiceSpec:
@@ -133,7 +134,7 @@ async def stop_service(pid: int, spec: ServiceSpec | SandboxPaths) -> bool:
     return True
 
 
-async def check_health(port: int, timeout_seconds: float = 2.0, path: str | None = "/v2/health") -> bool:
+async def check_health(port: int, timeout_seconds: float = 2.0, path: str | None = "/_sandbox/ready") -> bool:
     """Return whether GET path on the port returns 200 with status ok; without a path, any HTTP response counts."""
     import aiohttp
 

@@ -56,7 +56,9 @@ SWITCH_RELOAD_SECONDS = 0.5
 # The delay of v2-latency-ms is uniform between these multiples of the value. The
 # 95th percentile of that is 0.5 + 0.95 * (1.0263 - 0.5) = 1.0 times the value.
 LATENCY_SPREAD = (0.5, 1.0263)
-UNAFFECTED_PATHS = frozenset({"/v2/health"})
+# Where the sandbox checks that the service is up; no fault switch affects it.
+READY_PATH = "/_sandbox/ready"
+UNAFFECTED_PATHS = frozenset({"/v2/health", READY_PATH})
 
 
 class FaultSwitches:
@@ -133,6 +135,7 @@ def create_app(api_version: str = "v2", switches_file: Path | None = None) -> we
         app[FAULTS] = FaultSwitches(switches_file)
     if api_version == "v2":
         app.router.add_get("/v2/health", handle_health)
+        app.router.add_get(READY_PATH, handle_ready)
         app.router.add_get("/v2/version", handle_version)
         app.router.add_post("/v2/users", handle_create_user)
     else:
@@ -176,6 +179,10 @@ async def handle_health(request: web.Request) -> web.Response:
         if faults.unhealthy:
             return web.json_response({"status": "unavailable", "version": VERSIONS[request.app[API_VERSION]],
                                       "detail": "injected by the sandbox switch v2-unhealthy"}, status=503)
+    return web.json_response({"status": "ok", "version": VERSIONS[request.app[API_VERSION]]})
+
+
+async def handle_ready(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok", "version": VERSIONS[request.app[API_VERSION]]})
 
 

@@ -60,7 +60,9 @@ def _step_line(step: Step, locale: str) -> str:
         mode = translate("incident.step_approval", locale)
     command = step.run_command or (step.commands[0] if step.commands else "")
     line = f"`{step.id}` {mask_secrets(step.title)} ({step.kind}{', ' + mode if mode else ''})"
-    if command and command != step.title:
+    if command and step.undoes:
+        line += " — " + translate("rollback.undoes", locale, command=f"`{cut_end(mask_secrets(command), 120)}`")
+    elif command and command != step.title:
         line += f" — `{cut_end(mask_secrets(command), 120)}`"
     return line
 
@@ -157,16 +159,17 @@ def _buttons(view: IncidentView, locale: str) -> list[dict]:
             item["style"] = style
         return item
 
+    # Emergency actions stay available while the incident is open, even during its rollback.
+    emergency = [button(EMERGENCY_PREFIX + step.id.removeprefix("e."),
+                        translate("incident.button_emergency", locale, title=step.title), None,
+                        json.dumps({"incident": incident.id, "round": incident.round, "step": step.id}))
+                 for step in view.emergency if step.id not in view.emergency_done]
+    if "rollback" not in view.actions:
+        buttons += emergency
     for action in view.actions:
         if action == "rollback":
             buttons.append(button(ACTION_PREFIX + action, translate("incident.button_rollback", locale), "danger"))
-            for step in view.emergency:
-                if step.id in view.emergency_done:
-                    continue
-                number = step.id.removeprefix("e.")
-                buttons.append(button(EMERGENCY_PREFIX + number,
-                                      translate("incident.button_emergency", locale, title=step.title), None,
-                                      json.dumps({"incident": incident.id, "round": incident.round, "step": step.id})))
+            buttons += emergency
         elif action == "rerun":
             buttons.append(button(ACTION_PREFIX + action,
                                   translate("incident.button_rerun", locale, phase=view.rerun_phase), None))

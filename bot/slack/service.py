@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 RUNBOOK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 DECISION_POLL_SECONDS = 0.5
+# An incident opened from a terminal is posted by a bot that starts within this time.
+UNPOSTED_INCIDENT_MAX_AGE_SECONDS = 24 * 3600
 
 
 class SlackSettings(BaseSettings):
@@ -316,9 +318,12 @@ class SlackService:
         rollback chosen just before a bot stopped starts after its restart.
         """
         for incident in await self.store.list_incidents(limit=200):
-            # A closed incident is posted only if it was posted while open: a late post would be noise.
+            # A closed incident is posted only if it was posted while open, and an old one
+            # from a terminal run not at all: a late post would be noise.
             if not incident.open and (incident.ts is None or (incident.data or {}).get("shown", {}).get("status")
                                       == "closed"):
+                continue
+            if incident.ts is None and time.time() - incident.opened_at > UNPOSTED_INCIDENT_MAX_AGE_SECONDS:
                 continue
             await self.incidents.sync(incident.id)
             if incident.open and incident.action == "rollback" and incident.rollback_run_id is None:
@@ -466,7 +471,8 @@ class SlackService:
         run = await self.store.get_run(run.id)
         environment = self.environment(run.environment)
         locale = self.locale(environment)
-        plan = build_rollback_plan(run, await self.store.steps(run.id), t("rollback.inverse_title", locale))
+        plan = build_rollback_plan(run, await self.store.steps(run.id), t("rollback.inverse_title", locale),
+                                   locale=locale)
         where = self._incident_thread(incident, run)
         async with self._runs_lock:
             engine, notifier = self._engine(environment, where["channel"], Path(run.runbook_path), plan.language,
