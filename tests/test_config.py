@@ -16,6 +16,8 @@ from conftest import REAL_RUNBOOK, run_cli
     (b"[environments.staging]\nunknown = 1\n", "unknown of environment staging is invalid"),
     (b"[environments.prod]\nprotected = true\n[environments.prod.monitor]\ntime_scale = 0.5\n",
      "time_scale must be 1 in a protected environment"),
+    (b"[environments.prod]\nslack_incidents_channel = \"#incidents\"\n", "'#incidents' is not a Slack channel ID"),
+    (b"[environments.prod]\noncall = [\"@alice\"]\n", "'@alice' is not a Slack user ID"),
 ])
 def test_broken_config_one_line(tmp_path, content, expected):
     config = tmp_path / "postmerge.toml"
