@@ -72,6 +72,23 @@ async def bot_process(tmp_path: Path, slack: SlackEmulator, port: int, client: B
             await asyncio.to_thread(process.wait, 15)
 
 
+@contextlib.asynccontextmanager
+async def killed_during_slow_step(tmp_path: Path):
+    """Start a run whose second step sleeps, SIGKILL the bot during it; yield (slack, client, port) for the next bot."""
+    workdir = write_environment(
+        tmp_path, "- [ ] one: `echo one`\n- [ ] slow: `test -f marker || { touch marker; sleep 60; }`",
+        "**Phase 1: a（1分）**\n1. one\n2. slow")
+    port = free_port()
+    async with SlackEmulator() as slack, aiohttp.ClientSession() as session:
+        client = Bot(f"http://127.0.0.1:{port}/slack/events", session)
+        async with bot_process(tmp_path, slack, port, client) as first:
+            await client.command("start notice local")
+            await wait_for(lambda: _async((workdir / "marker").exists()))
+            first.kill()
+            first.wait(10)
+        yield slack, client, port
+
+
 async def run_events(tmp_path: Path) -> tuple[str, list[dict]]:
     store = await Store.open(Settings(home=tmp_path).store_url())
     try:
@@ -118,18 +135,7 @@ async def test_restart_posts_pending_approval_again(tmp_path):
 
 
 async def test_restart_asks_about_an_interrupted_step(tmp_path):
-    workdir = write_environment(
-        tmp_path, "- [ ] one: `echo one`\n- [ ] slow: `test -f marker || { touch marker; sleep 60; }`",
-        "**Phase 1: a（1分）**\n1. one\n2. slow")
-    port = free_port()
-    async with SlackEmulator() as slack, aiohttp.ClientSession() as session:
-        client = Bot(f"http://127.0.0.1:{port}/slack/events", session)
-        async with bot_process(tmp_path, slack, port, client) as first:
-            await client.command("start notice local")
-            await wait_for(lambda: _async((workdir / "marker").exists()))
-            first.kill()
-            first.wait(10)
-
+    async with killed_during_slow_step(tmp_path) as (slack, client, port):
         async with bot_process(tmp_path, slack, port, client):
             # A shell step is not known to be safe to repeat, so the bot posts a decision with a Retry button.
             retry = await wait_for(lambda: _async(buttons(slack, "postmerge:retry")))
@@ -168,18 +174,7 @@ async def test_repeated_delivery_starts_one_run(tmp_path):
 
 
 async def test_interrupted_step_incident_retry_button(tmp_path):
-    workdir = write_environment(
-        tmp_path, "- [ ] one: `echo one`\n- [ ] slow: `test -f marker || { touch marker; sleep 60; }`",
-        "**Phase 1: a（1分）**\n1. one\n2. slow")
-    port = free_port()
-    async with SlackEmulator() as slack, aiohttp.ClientSession() as session:
-        client = Bot(f"http://127.0.0.1:{port}/slack/events", session)
-        async with bot_process(tmp_path, slack, port, client) as first:
-            await client.command("start notice local")
-            await wait_for(lambda: _async((workdir / "marker").exists()))
-            first.kill()
-            first.wait(10)
-
+    async with killed_during_slow_step(tmp_path) as (slack, client, port):
         async with bot_process(tmp_path, slack, port, client):
             # No incidents channel is set, so the incident goes to the runs channel, beside the question.
             retry = await wait_for(lambda: _async(buttons(slack, "postmerge:incident:retry")))
