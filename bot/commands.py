@@ -184,6 +184,11 @@ def describe_step(step, locale: str, *, dry_run: bool = False) -> str:
         parts.append(t(step.manual_reason, **step.reason_params()))
     if step.prerequisite_of:
         parts.append(t("plan.detail_prerequisite", step_id=step.prerequisite_of))
+    if step.id.startswith("r") and step.kind == "kubernetes" and step.automated:
+        from bot.rollback import collects_logs
+
+        if collects_logs(step):
+            parts.append(t("plan.detail_logs_first"))
     if step.match is not None:
         parts.append(t(f"plan.match_{step.match.reason}", task=step.match.task, line=step.match.task_line,
                        score=step.match.score))

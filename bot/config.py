@@ -337,7 +337,8 @@ def _read_config_file(path: Path) -> dict[str, Environment]:
                 path=str(path),
                 environment=name,
                 field=field,
-                error=first["msg"],
+                # pydantic prefixes the message of a validator's ValueError with "Value error, ".
+                error=first["msg"].removeprefix("Value error, "),
             ) from None
         if not environment.workdir.is_absolute():
             environment.workdir = (path.parent / environment.workdir).resolve()

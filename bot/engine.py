@@ -280,49 +280,58 @@ class Engine:
         if run.kind == "rollback" and run.parent_run_id and status == "completed":
             await self.store.update_run(run.parent_run_id, status="rolled_back", event_type="run.rolled_back",
                                         event_data={"rollback_run_id": run.id})
+        incident_events = await self._update_incident(run, plan, status)
         await self._emit(f"run.{status}", run.id, plan, data={"error": error, "failed_step": failed_step,
                                                              "kind": run.kind, "parent_run_id": run.parent_run_id})
-        await self._update_incident(run, plan, status)
+        for event_type, data in incident_events:
+            await self._emit(event_type, run.id, plan, data=data)
         return RunOutcome(run_id=run.id, status=status, error=error, failed_step=failed_step)
 
-    async def _update_incident(self, run: RunRecord, plan: Plan, status: str) -> None:
-        """Open, ask again or close the incident of a run that just ended."""
+    async def _update_incident(self, run: RunRecord, plan: Plan, status: str) -> list[tuple[str, dict]]:
+        """Open, ask again or close the incident of a run that just ended; return the events to announce.
+
+        The store changes here, before any notifier runs, so nothing reads a
+        rolled-back run whose incident is still open.
+        """
         from bot import incidents
 
         failed = self._failed_step
+        events: list[tuple[str, dict]] = []
         try:
             if run.kind == "run" and status == "completed":
                 incident = await self.store.incident_of_run(run.id)
                 if incident is not None and incident.open:
                     actor = incident.action_by or self.actor
                     if await self.store.close_incident(incident.id, "retried", actor):
-                        await self._emit("incident.closed", run.id, plan,
-                                         data={"incident": incident.id, "resolution": "retried", "actor": actor})
+                        events.append(("incident.closed",
+                                       {"incident": incident.id, "resolution": "retried", "actor": actor}))
             elif run.kind == "run" and (status == "failed" or (
-                    status == "aborted" and incidents.traffic_phase(plan, (await self.store.get_run(run.id)).current_phase))):
+                    status == "aborted"
+                    and incidents.traffic_phase(plan, (await self.store.get_run(run.id)).current_phase))):
                 incident, fresh = await incidents.open_for_run(self.store, run.id, status, failed)
                 if fresh:
-                    await self._emit("incident.opened", run.id, plan,
-                                     data={"incident": incident.id, "reason": incident.reason, "round": incident.round})
+                    events.append(("incident.opened",
+                                   {"incident": incident.id, "reason": incident.reason, "round": incident.round}))
             elif run.kind == "rollback" and run.parent_run_id:
                 parent = await self.store.incident_of_run(run.parent_run_id)
                 if parent is None or not parent.open:
-                    return
+                    return events
                 if status == "completed":
                     if await self.store.close_incident(parent.id, "rolled_back", run.started_by):
-                        await self._emit("incident.closed", run.id, plan,
-                                         data={"incident": parent.id, "resolution": "rolled_back",
-                                               "actor": run.started_by, "parent_run_id": run.parent_run_id})
+                        events.append(("incident.closed",
+                                       {"incident": parent.id, "resolution": "rolled_back", "actor": run.started_by,
+                                        "parent_run_id": run.parent_run_id}))
                 elif status in ("failed", "aborted"):
                     opened = await incidents.open_for_failed_rollback(self.store, run, failed)
                     if opened is not None and opened[1]:
-                        await self._emit("incident.opened", run.id, plan,
-                                         data={"incident": opened[0].id, "reason": opened[0].reason,
-                                               "round": opened[0].round, "parent_run_id": run.parent_run_id})
+                        events.append(("incident.opened",
+                                       {"incident": opened[0].id, "reason": opened[0].reason,
+                                        "round": opened[0].round, "parent_run_id": run.parent_run_id}))
         except PostmergeError:
             raise
         except Exception:  # noqa: BLE001 - the run's own state is committed; its incident is logged for a person
             log.exception("run %s: the incident could not be recorded", run.id)
+        return events
 
     # -- one step ---------------------------------------------------------
 

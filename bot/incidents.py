@@ -153,6 +153,25 @@ async def open_for_failed_rollback(store: Store, rollback: RunRecord, step: Step
                                      keep_rollback=False)
 
 
+async def close_if_settled(store: Store, incident: IncidentRecord) -> bool:
+    """Close an open incident whose run was already rolled back or completed; return whether it closed.
+
+    The engine closes the incident right after it finishes the run. This
+    catches a process that died between the two.
+    """
+    if not incident.open:
+        return False
+    run = await store.get_run(incident.run_id)
+    if run.status == "rolled_back":
+        actor = incident.action_by
+        if incident.rollback_run_id:
+            actor = (await store.get_run(incident.rollback_run_id)).started_by or actor
+        return await store.close_incident(incident.id, "rolled_back", actor)
+    if run.status == "completed":
+        return await store.close_incident(incident.id, "retried", incident.action_by)
+    return False
+
+
 @dataclass
 class IncidentView:
     """Everything a message or a terminal line about an incident needs, read from the store."""

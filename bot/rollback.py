@@ -63,8 +63,8 @@ def build_rollback_plan(run: RunRecord, records: list[StepRecord], locale_title:
     copied_groups = []
     for group in groups:
         copied = group.model_copy(deep=True)
-        evidence += [step for step in copied.steps if _collects_logs(step)]
-        copied.steps = [step for step in copied.steps if not _collects_logs(step)]
+        evidence += [step for step in copied.steps if collects_logs(step)]
+        copied.steps = [step for step in copied.steps if not collects_logs(step)]
         copied_groups.append(copied)
 
     rollback_groups: list[RollbackGroupPlan] = []
@@ -95,7 +95,8 @@ def build_rollback_plan(run: RunRecord, records: list[StepRecord], locale_title:
                                    "undo_task_lines": undo_lines})
 
 
-def _collects_logs(step: Step) -> bool:
+def collects_logs(step: Step) -> bool:
+    """Return whether a step reads the logs of pods, which a rollback runs before anything is deleted."""
     if step.kind != "kubernetes" or not step.automated:
         return False
     from steps.kubernetes import action_of

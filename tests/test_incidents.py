@@ -165,11 +165,11 @@ async def test_simultaneous_rollback_presses_run_once(failed_run, tmp_path):
     events = [event for event in await service.store.events(run.id) if event["type"] == "incident.action"]
     assert len(events) == 1
     # The rollback reported into the incident's thread, not into the runs channel.
-    thread = slack.thread(INCIDENTS, message["ts"])
-    assert any("ロールバック完了" in json.dumps(reply.get("blocks") or reply.get("text"), ensure_ascii=False)
-               for reply in thread)
-    runbook = (tmp_path / "runbooks" / "deploy.md").read_text(encoding="utf-8")
-    assert "## Status: rolled-back" in runbook
+    await wait_for(lambda: _async(any("ロールバック完了" in json.dumps(reply.get("blocks") or reply.get("text"),
+                                                                ensure_ascii=False)
+                                      for reply in slack.thread(INCIDENTS, message["ts"]))))
+    runbook = tmp_path / "runbooks" / "deploy.md"
+    await wait_for(lambda: _async("## Status: rolled-back" in runbook.read_text(encoding="utf-8")))
 
 
 async def test_emergency_action_runs_once_into_the_incident_thread(failed_run):
@@ -435,3 +435,23 @@ def test_emergency_item_that_is_a_link_is_refused():
     with pytest.raises(UsageError) as unknown:
         build_emergency_plan(run, 9, "emergency")
     assert "1: トラフィック即座に v1 へ" in unknown.value.render("en")
+
+
+async def test_settled_run_closes_leftover_incident(store_url):
+    from bot.incidents import close_if_settled
+
+    store = await Store.open(store_url)
+    try:
+        run_id = await store.create_run({}, [{"id": "s", "kind": "shell", "title": "s"}], runbook="r",
+                                        runbook_path="/r.md", environment="e", started_by="u")
+        incident, _ = await store.open_incident(run_id, reason="failed", phase=1, step_id="s", data={})
+        await store.take_incident_action(incident.id, 1, "rollback", "U1")
+        assert not await close_if_settled(store, await store.get_incident(incident.id))
+        # As if the process died after the rollback marked the run, before it closed the incident.
+        await store.update_run(run_id, status="rolled_back")
+        assert await close_if_settled(store, await store.get_incident(incident.id))
+        closed = await store.get_incident(incident.id)
+        assert closed.resolution == "rolled_back"
+        assert closed.closed_by == "U1"
+    finally:
+        await store.close()

@@ -317,6 +317,8 @@ class SlackService:
         Incidents opened or changed from a terminal reach Slack here, and a
         rollback chosen just before a bot stopped starts after its restart.
         """
+        from bot.incidents import close_if_settled
+
         for incident in await self.store.list_incidents(limit=200):
             # A closed incident is posted only if it was posted while open, and an old one
             # from a terminal run not at all: a late post would be noise.
@@ -325,6 +327,8 @@ class SlackService:
                 continue
             if incident.ts is None and time.time() - incident.opened_at > UNPOSTED_INCIDENT_MAX_AGE_SECONDS:
                 continue
+            if await close_if_settled(self.store, incident):
+                incident = await self.store.get_incident(incident.id)
             await self.incidents.sync(incident.id)
             if incident.open and incident.action == "rollback" and incident.rollback_run_id is None:
                 key = f"rollback:{incident.id}"
