@@ -15,6 +15,7 @@ incident and drive the runs differs.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from bot.errors import UsageError
@@ -72,15 +73,19 @@ def emergency_steps(plan: Plan) -> list[Step]:
     return [step for step in plan.emergency if step.automated]
 
 
-def check_action(incident: IncidentRecord, plan: Plan, action: str, locale: str | None = None) -> None:
-    """Raise UsageError naming what happened when the incident does not offer action now."""
+def check_action(incident: IncidentRecord, plan: Plan, action: str, locale: str | None = None,
+                 name: Callable[[str | None], str] = lambda actor: actor or "-") -> None:
+    """Raise UsageError naming what happened when the incident does not offer action now.
+
+    name formats the person who acted, such as a Slack mention.
+    """
     if not incident.open:
         raise UsageError("incident.closed_already", incident_id=incident.id,
                          resolution=translate(f"incident.resolution_{incident.resolution}", locale),
-                         actor=incident.closed_by or "-")
+                         actor=name(incident.closed_by))
     if incident.action is not None:
         raise UsageError("incident.acted_already", incident_id=incident.id,
-                         action=translate(f"incident.action_{incident.action}", locale), actor=incident.action_by or "-",
+                         action=translate(f"incident.action_{incident.action}", locale), actor=name(incident.action_by),
                          at=time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(incident.action_at or 0)))
     if action not in allowed_actions(incident, plan):
         raise UsageError("incident.action_not_offered", incident_id=incident.id,
@@ -198,8 +203,8 @@ async def incident_view(store: Store, incident: IncidentRecord, locale: str) -> 
     except UsageError:
         preview = []
     emergency_done = {}
-    for event in await store.events(run.id):
-        if event["type"] == "incident.emergency" and (event["data"] or {}).get("incident") == incident.id:
+    for event in await store.events_of_type(run.id, "incident.emergency"):
+        if (event["data"] or {}).get("incident") == incident.id:
             emergency_done[event["data"]["step_id"]] = (event["actor"] or "-", event["created_at"])
     return IncidentView(incident=incident, run=run, plan=plan, rollback_preview=preview,
                         actions=allowed_actions(incident, plan), emergency=emergency_steps(plan),

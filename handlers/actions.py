@@ -43,7 +43,6 @@ def _private_replier(client, body: dict):
 async def incident(service, client, body: dict, action: dict) -> None:
     """Carry out an incident button: roll back, an emergency action, retry, skip, re-run a phase or acknowledge."""
     from bot.slack.incidents import ACTION_PREFIX
-    from bot.slack.service import decided_at_text
 
     user = body["user"]["id"]
     locale = service.settings.locale
@@ -59,24 +58,9 @@ async def incident(service, client, body: dict, action: dict) -> None:
     try:
         action_id = action.get("action_id") or ""
         if action_id.startswith(ACTION_PREFIX):
-            won, row = await service.incident_action(incident_id, round_number, action_id.removeprefix(ACTION_PREFIX),
-                                                     user)
-            if not won:
-                if row.open and row.action is None:
-                    await say_private(translate("incident.stale_button", locale, incident_id=row.id))
-                elif row.action is not None and row.open:
-                    await say_private(translate("incident.acted_already", locale, incident_id=row.id,
-                                                action=translate(f"incident.action_{row.action}", locale),
-                                                actor=f"<@{row.action_by}>", at=decided_at_text(row.action_at or 0)))
-                else:
-                    await say_private(translate("incident.closed_already", locale, incident_id=row.id,
-                                                resolution=translate(f"incident.resolution_{row.resolution}", locale),
-                                                actor=f"<@{row.closed_by}>"))
+            await service.incident_action(incident_id, round_number, action_id.removeprefix(ACTION_PREFIX), user)
         else:
-            won, row = await service.emergency_action(incident_id, round_number, str(value.get("step")), user)
-            if not won:
-                await say_private(translate("incident.emergency_already", locale, step_id=value.get("step"),
-                                            actor=f"<@{row['decided_by']}>", at=decided_at_text(row["decided_at"])))
+            await service.emergency_action(incident_id, round_number, str(value.get("step")), user)
     except PostmergeError as error:
         await say_private(error.render(locale))
 

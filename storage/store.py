@@ -559,6 +559,12 @@ class Store:
             result = await connection.execute(select(events).where(events.c.run_id == run_id).order_by(events.c.id))
             return [dict(row) for row in result.mappings().all()]
 
+    async def events_of_type(self, run_id: str, event_type: str) -> list[dict]:
+        """Return the run's events of one type, oldest first."""
+        query = select(events).where(and_(events.c.run_id == run_id, events.c.type == event_type)).order_by(events.c.id)
+        async with self.engine.connect() as connection:
+            return [dict(row) for row in (await connection.execute(query)).mappings().all()]
+
     async def last_event(self, run_id: str, event_type: str) -> dict | None:
         """Return the run's most recent event of a type, or None."""
         query = (select(events).where(and_(events.c.run_id == run_id, events.c.type == event_type))

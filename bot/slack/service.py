@@ -350,26 +350,30 @@ class SlackService:
     async def incident_action(self, incident_id: str, round_number: int, action: str, user_id: str):
         """Record a responder's action on an incident's round exactly once, then carry it out.
 
-        Return whether this press won, and the incident as stored.
+        Return the incident as stored. A press that lost to another, or that
+        came for a closed incident or an earlier round, raises UsageError naming what happened.
         """
         from bot import incidents
         from bot.plan import Plan
+        from bot.slack.incidents import person
 
         incident = await self.store.get_incident(incident_id)
         run = await self.store.get_run(incident.run_id)
         environment = self.environment(run.environment)
         await self.check_responder(user_id, environment)
+        plan = Plan.model_validate(run.plan)
+        locale = self.locale(environment)
         if incident.round != round_number and incident.open and incident.action is None:
             raise UsageError("incident.stale_button", incident_id=incident.id)
-        if incident.action is not None or not incident.open:
-            return False, incident
-        incidents.check_action(incident, Plan.model_validate(run.plan), action, self.locale(environment))
+        incidents.check_action(incident, plan, action, locale, name=person)
         won, incident = await self.store.take_incident_action(incident.id, round_number, action, user_id)
         if not won:
-            return False, incident
+            # Another press won the round in between, or the incident closed.
+            incidents.check_action(incident, plan, action, locale, name=person)
+            raise UsageError("incident.stale_button", incident_id=incident.id)
         await self.incidents.sync(incident.id)
         self._spawn(self._carry_out(incident.id), f"{action}:{incident.id}")
-        return True, incident
+        return incident
 
     async def _carry_out(self, incident_id: str) -> None:
         action = "?"
@@ -447,8 +451,7 @@ class SlackService:
 
     async def _start_rollback(self, incident_id: str) -> None:
         """Start the rollback a responder chose, once, in the incident's thread; carry on one that exists."""
-        from bot.i18n import translate as t
-        from bot.rollback import build_rollback_plan, rollback_steps
+        from bot.rollback import build_rollback_plan
 
         incident = await self.store.get_incident(incident_id)
         run = await self.store.get_run(incident.run_id)
@@ -475,22 +478,31 @@ class SlackService:
         run = await self.store.get_run(run.id)
         environment = self.environment(run.environment)
         locale = self.locale(environment)
-        plan = build_rollback_plan(run, await self.store.steps(run.id), t("rollback.inverse_title", locale),
+        plan = build_rollback_plan(run, await self.store.steps(run.id), translate("rollback.inverse_title", locale),
                                    locale=locale)
+        await self._start_in_incident_thread(incident, run, environment, plan, actor, "rollback")
+
+    async def _start_in_incident_thread(self, incident, run, environment: Environment, plan, actor: str,
+                                        kind: str) -> str:
+        """Start a rollback or emergency run of `run` that reports into the incident's thread, and drive it here."""
+        from bot.rollback import rollback_steps
+
         where = self._incident_thread(incident, run)
         async with self._runs_lock:
-            engine, notifier = self._engine(environment, where["channel"], Path(run.runbook_path), plan.language,
-                                            actor, parent_ts=None)
-            rollback_id = await engine.start(plan, started_by=actor, kind="rollback", parent_run_id=run.id,
-                                             steps=rollback_steps(plan))
-            await self.store.update_run(rollback_id, options={"slack": where})
-            await self.store.update_incident(incident.id, rollback_run_id=rollback_id,
-                                             event_type="incident.rollback_started", actor=actor,
-                                             event_data={"rollback_run_id": rollback_id})
+            engine, notifier = self._engine(environment, where["channel"], Path(run.runbook_path), plan.language, actor)
+            run_id = await engine.start(plan, started_by=actor, kind=kind, parent_run_id=run.id,
+                                        steps=rollback_steps(plan))
+            # Stored before the run moves, so a restarted bot reports into the same thread.
+            await self.store.update_run(run_id, options={"slack": where})
+            if kind == "rollback":
+                await self.store.update_incident(incident.id, rollback_run_id=run_id,
+                                                 event_type="incident.rollback_started", actor=actor,
+                                                 event_data={"rollback_run_id": run_id})
             if where.get("thread_ts"):
-                notifier.parent_ts[rollback_id] = where["thread_ts"]
-            self.tasks[rollback_id] = asyncio.create_task(self._drive(engine, rollback_id, notifier))
+                notifier.parent_ts[run_id] = where["thread_ts"]
+            self.tasks[run_id] = asyncio.create_task(self._drive(engine, run_id, notifier))
         await self.incidents.sync(incident.id)
+        return run_id
 
     def _incident_thread(self, incident, run) -> dict:
         """Return where a rollback or an emergency action reports: the incident's thread, else the run's."""
@@ -535,9 +547,12 @@ class SlackService:
             # The task that ended the run may still be posting its last messages.
             await asyncio.wait({previous}, timeout=30)
 
-    async def emergency_action(self, incident_id: str, round_number: int, step_id: str, user_id: str):
-        """Carry out an emergency action under 緊急時 once per press round, reporting into the incident thread."""
-        from bot.rollback import build_emergency_plan, rollback_steps
+    async def emergency_action(self, incident_id: str, round_number: int, step_id: str, user_id: str) -> str:
+        """Carry out an emergency action under 緊急時 once per round, reporting into the incident thread.
+
+        Return the emergency run's id. A press after another one of the round raises UsageError.
+        """
+        from bot.rollback import build_emergency_plan
 
         incident = await self.store.get_incident(incident_id)
         run = await self.store.get_run(incident.run_id)
@@ -555,21 +570,13 @@ class SlackService:
                                                         "emergency")
         won, row = await self.store.decide(approval_id, "approved", user_id)
         if not won:
-            return False, row
+            from bot.slack.incidents import person
+
+            raise UsageError("incident.emergency_already", step_id=step_id, actor=person(row["decided_by"]),
+                             at=decided_at_text(row["decided_at"]))
         await self.store.append_event(run.id, "incident.emergency", actor=user_id,
                                       data={"incident": incident.id, "step_id": step_id})
-        where = self._incident_thread(incident, run)
-        async with self._runs_lock:
-            engine, notifier = self._engine(environment, where["channel"], Path(run.runbook_path), plan.language,
-                                            user_id)
-            emergency_id = await engine.start(plan, started_by=user_id, kind="emergency", parent_run_id=run.id,
-                                              steps=rollback_steps(plan))
-            await self.store.update_run(emergency_id, options={"slack": where})
-            if where.get("thread_ts"):
-                notifier.parent_ts[emergency_id] = where["thread_ts"]
-            self.tasks[emergency_id] = asyncio.create_task(self._drive(engine, emergency_id, notifier))
-        await self.incidents.sync(incident.id)
-        return True, row
+        return await self._start_in_incident_thread(incident, run, environment, plan, user_id, "emergency")
 
     async def decide(self, approval_id: int, decision: str, user_id: str) -> tuple[bool, dict]:
         """Record a button's decision exactly once, after checking who may decide."""
