@@ -345,7 +345,6 @@ async def _setup_monitor(session: _Session, plan: dict[str, Any], data: dict[str
 
 
 async def _rollback_dashboard(session: _Session, record: dict[str, Any]) -> str:
-    from datadog_api_client.exceptions import NotFoundException
     from datadog_api_client.v1.api.dashboards_api import DashboardsApi
     from datadog_api_client.v1.model.dashboard import Dashboard
 
@@ -358,28 +357,13 @@ async def _rollback_dashboard(session: _Session, record: dict[str, Any]) -> str:
         summaries = await session.call(object_name, api.list_dashboards)
         dashboard_id = next((item.id for item in summaries.dashboards or [] if item.title == title), None)
 
-    if record.get("created"):
-        if dashboard_id is None:
-            session.write("datadog.output_already_deleted", object=object_name)
-            return "none"
-        try:
-            await session.call(object_name, lambda: api.delete_dashboard(dashboard_id), passthrough=NotFoundException)
-        except NotFoundException:
-            session.write("datadog.output_already_deleted", object=object_name)
-            return "none"
-        session.write("datadog.output_deleted", object=object_name, id=dashboard_id)
-        return "deleted"
-    if record.get("previous") and dashboard_id is not None:
-        body = session.model(record["previous"], Dashboard)
-        await session.call(object_name, lambda: api.update_dashboard(dashboard_id, body=body))
-        session.write("datadog.output_restored", object=object_name, id=dashboard_id)
-        return "restored"
-    session.write("datadog.output_nothing_to_undo", object=object_name)
-    return "none"
+    def restore(previous: dict[str, Any]):
+        return api.update_dashboard(dashboard_id, body=session.model(previous, Dashboard))
+
+    return await _undo(session, record, object_name, dashboard_id, api.delete_dashboard, restore)
 
 
 async def _rollback_monitor(session: _Session, record: dict[str, Any]) -> str:
-    from datadog_api_client.exceptions import NotFoundException
     from datadog_api_client.v1.api.monitors_api import MonitorsApi
     from datadog_api_client.v1.model.monitor_update_request import MonitorUpdateRequest
 
@@ -393,22 +377,31 @@ async def _rollback_monitor(session: _Session, record: dict[str, Any]) -> str:
         found = await session.call(object_name, lambda: api.list_monitors(name=name))
         monitor_id = next((monitor.id for monitor in found if monitor.name == name), None)
 
+    def restore(previous: dict[str, Any]):
+        body = {key: value for key, value in previous.items() if key != "type"}
+        return api.update_monitor(monitor_id, body=session.model(body, MonitorUpdateRequest))
+
+    return await _undo(session, record, object_name, monitor_id, api.delete_monitor, restore)
+
+
+async def _undo(session: _Session, record: dict[str, Any], object_name: str, object_id, delete, restore) -> str:
+    """Delete the object the step created, or put back the copy it saved before changing it; return what was done."""
+    from datadog_api_client.exceptions import NotFoundException
+
     if record.get("created"):
-        if monitor_id is None:
+        if object_id is None:
             session.write("datadog.output_already_deleted", object=object_name)
             return "none"
         try:
-            await session.call(object_name, lambda: api.delete_monitor(monitor_id), passthrough=NotFoundException)
+            await session.call(object_name, lambda: delete(object_id), passthrough=NotFoundException)
         except NotFoundException:
             session.write("datadog.output_already_deleted", object=object_name)
             return "none"
-        session.write("datadog.output_deleted", object=object_name, id=monitor_id)
+        session.write("datadog.output_deleted", object=object_name, id=object_id)
         return "deleted"
-    if record.get("previous") and monitor_id is not None:
-        previous = {key: value for key, value in record["previous"].items() if key != "type"}
-        body = session.model(previous, MonitorUpdateRequest)
-        await session.call(object_name, lambda: api.update_monitor(monitor_id, body=body))
-        session.write("datadog.output_restored", object=object_name, id=monitor_id)
+    if record.get("previous") and object_id is not None:
+        await session.call(object_name, lambda: restore(record["previous"]))
+        session.write("datadog.output_restored", object=object_name, id=object_id)
         return "restored"
     session.write("datadog.output_nothing_to_undo", object=object_name)
     return "none"
