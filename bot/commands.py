@@ -300,7 +300,7 @@ async def resume_command(args, console: Console, locale: str, settings: Settings
                      runbook_path=Path(run.runbook_path), language=plan.language, on_interrupted=args.on_interrupted)
     incident = await store.incident_of_run(run.id)
     if incident is not None and incident.open and incident.reason != "interrupted" and run.status != "paused":
-        # A resume is the incident's retry (or re-run): recorded once, so Slack's buttons say who chose it.
+        # A resume is the incident's retry (or re-run). It is recorded once, so the Slack message shows who chose it.
         action = "rerun" if args.phase is not None else "retry"
         if incident.action is None:
             won, incident = await store.take_incident_action(incident.id, incident.round, action, engine.actor)
@@ -345,7 +345,7 @@ async def rollback_command(args, console: Console, locale: str, settings: Settin
         console.print(Text(translate("cli.rollback_cancelled", locale, run_id=run.id)), style="yellow")
         return EXIT_USAGE
     if incident is not None and incident.open and incident.action is None:
-        # Recorded on the incident, so its Slack buttons say who chose the rollback instead of starting another.
+        # Recorded on the incident, so its Slack message shows who chose the rollback and no second one starts.
         won, incident = await store.take_incident_action(incident.id, incident.round, "rollback", actor)
         if not won and incident.action != "rollback":
             raise UsageError("incident.acted_already", incident_id=incident.id,

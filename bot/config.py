@@ -303,7 +303,7 @@ def load_environments(settings: Settings) -> dict[str, Environment]:
             environments[SANDBOX] = sandbox
         else:
             # [environments.sandbox] in the file adds to the running sandbox, for example
-            # its Slack channels and responders; what it sets wins.
+            # its Slack channels and responders. The file's values win.
             environments[SANDBOX] = sandbox.model_copy(update={
                 name: getattr(configured, name) for name in configured.model_fields_set if name != "name"})
 

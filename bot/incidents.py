@@ -3,8 +3,8 @@
 An incident belongs to a forward run. It opens when the run fails (a failed
 or timed-out step, a monitor breach), when it is aborted during a traffic
 phase, or when a step that is not safe to repeat was interrupted. Each
-time it asks for a decision is a round; the store records one action per
-round, however many people press at once. It closes when the run is rolled
+request for a decision is a round. The store records one action per round,
+however many people press at once. It closes when the run is rolled
 back, when the run completes after a retry, skip or re-run, or when someone
 acknowledges it.
 
@@ -116,7 +116,7 @@ def failure_details(run: RunRecord, records: list[StepRecord], step_id: str | No
 
 
 async def open_for_run(store: Store, run_id: str, status: str, step: Step | None) -> tuple[IncidentRecord, bool]:
-    """Open the incident of a run that failed or was aborted; return it and whether it asks for a decision anew."""
+    """Open the incident of a run that failed or was aborted; return it and whether it needs a new decision."""
     run = await store.get_run(run_id)
     records = await store.steps(run.id)
     step_id = step.id if step is not None else run.failed_step

@@ -158,7 +158,7 @@ class RollbackGroupPlan(BaseModel):
     title: str
     source_line: int
     steps: list[Step] = Field(default_factory=list)
-    # The phase a line such as "修正後、Phase 6を再実行" says to run again once the cause is fixed.
+    # The phase that a line such as "修正後、Phase 6を再実行" names to run again once the cause is fixed.
     rerun_phase: int | None = None
 
 

@@ -108,7 +108,7 @@ def cannot_be_undone(step: Step) -> bool:
     """Return whether an automated step changes something that no executor can put back.
 
     Reads (sql, logs, GET requests, checks), signals to a step's own process,
-    and traffic sent back to green are safe; a step whose executor has an
+    and traffic sent back to green are safe. A step whose executor has an
     inverse can be undone.
     """
     if not step.automated or step.kind in ("manual", "approval", "sql", "monitor", "traffic"):
@@ -148,8 +148,8 @@ def build_emergency_plan(run: RunRecord, number: int, locale_title: str) -> Plan
         listed = ", ".join(f"{item.id.removeprefix('e.')}: {item.title}" for item in plan.emergency) or "-"
         raise UsageError("rollback.unknown_emergency", run_id=run.id, number=number, listed=listed)
     if not step.automated:
-        what = " ".join(step.instructions) or step.title
-        raise UsageError("rollback.emergency_not_automated", step_id=step.id, title=step.title, what=what)
+        instructions = " ".join(step.instructions) or step.title
+        raise UsageError("rollback.emergency_not_automated", step_id=step.id, title=step.title, what=instructions)
     copied = step.model_copy(deep=True)
     copied.phase = None
     copied.requires_approval = False

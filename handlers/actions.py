@@ -27,7 +27,7 @@ def register(app, service) -> None:
 
 
 def _private_replier(client, body: dict):
-    """Return a function that answers the person who pressed a button, visible only to them."""
+    """Return a function that replies to the person who pressed a button, visible only to them."""
     user = body["user"]["id"]
     channel = (body.get("channel") or {}).get("id") or (body.get("container") or {}).get("channel_id")
 

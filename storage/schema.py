@@ -111,9 +111,9 @@ run_locks = Table(
     Column("created_at", Float, nullable=False),
 )
 
-# One row per failure episode of a forward run. `round` counts the times the
-# incident asked for a decision; `action` is the decision of the current round,
-# set once by a conditional update, so two clicks at once start one action.
+# One row per failure episode of a forward run. `round` counts the requests
+# for a decision. `action` is the decision of the current round, set once by a
+# conditional update, so two clicks at once start one action.
 incidents = Table(
     "incidents",
     metadata,

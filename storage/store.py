@@ -450,7 +450,7 @@ class Store:
 
     async def open_incident(self, run_id: str, *, reason: str, phase: int | None, step_id: str | None,
                             data: dict, keep_rollback: bool = True) -> tuple[IncidentRecord, bool]:
-        """Open an incident for a run, or start a new round of its open one; return it and whether it asks anew.
+        """Open an incident for a run, or start a new round of its open one; return it and whether it needs a decision.
 
         With keep_rollback, an open incident whose rollback was chosen keeps
         that decision: the failure that follows is the run stopping for the

@@ -1,11 +1,12 @@
 """End to end: the real runbook fails on the sandbox, and its incident is handled through Slack.
 
-(a) a failing v2 health check in phase 3 is rolled back, and two responders
-pressing Roll back at once start one rollback; (b) a monitor breach in phase
-6 sends traffic back to green and the incident's re-run button starts the
-shift again at 10%; (c) a failing integrity check in phase 2 is rolled back
-and the database restored from the run's backup, (e) by a bot that was
-killed in the middle of the rollback and restarted.
+- (a) A failing v2 health check in phase 3 is rolled back. (d) Two responders
+  pressing Roll back at once start one rollback.
+- (b) A monitor breach in phase 6 sends traffic back to green, and the
+  incident's re-run button starts the shift again at 10%.
+- (c) A failing integrity check in phase 2 is rolled back, and the database is
+  restored from the run's backup. (e) The bot is killed in the middle of that
+  rollback, and the next bot finishes it.
 """
 
 from __future__ import annotations

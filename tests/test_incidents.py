@@ -101,7 +101,7 @@ async def test_failure_opens_incident_with_everything_a_responder_needs(failed_r
                if block.get("type") == "actions"]
     assert actions == ["postmerge:incident:rollback", "postmerge:emergency:1", "postmerge:incident:retry",
                        "postmerge:incident:skip", "postmerge:incident:acknowledge"]
-    # The message lists what Roll back would run, so a responder sees it before pressing.
+    # The message lists what Roll back would run, so a responder can read it before pressing.
     assert "`r1.1` 片付け" in text
 
 
@@ -232,11 +232,11 @@ async def test_failed_rollback_asks_again_and_skip_finishes(failed_run):
     await client.click("postmerge:incident:rollback", button_value(message, "postmerge:incident:rollback"),
                        RESPONDER)
 
-    async def asked_again() -> bool:
+    async def needs_decision_again() -> bool:
         incident = await service.store.incident_of_run(run.id)
         return incident.round == 2
 
-    await asyncio.wait_for(approve_gates(client, slack, APPROVER, asked_again), 60)
+    await asyncio.wait_for(approve_gates(client, slack, APPROVER, needs_decision_again), 60)
     incident = await service.store.incident_of_run(run.id)
     assert incident.reason == "rollback_failed"
     assert incident.step_id == "r1.2"
@@ -300,9 +300,10 @@ def test_terminal_emergency_and_rollback_close_the_incident(tmp_path, home):
     assert "postmerge emergency" in failed.stdout
     status = json.loads(run_cli("status", "--json", home=home, env=env).stdout)["runs"][0]
     run_id = status["id"]
-    assert status["incident"]["status"] == "open" and status["incident"]["reason"] == "failed"
+    assert status["incident"]["status"] == "open"
+    assert status["incident"]["reason"] == "failed"
 
-    # A resume is the incident's retry: recorded on it, and a second failure asks again in a new round.
+    # A resume is the incident's retry. It is recorded on the incident, and a second failure starts a new round.
     resumed = run_cli("resume", run_id, "--yes", home=home, env=env, cwd=workdir)
     assert resumed.returncode == 1
     again_open = json.loads(run_cli("status", "--json", home=home, env=env).stdout)["runs"][0]["incident"]
@@ -324,7 +325,8 @@ def test_terminal_emergency_and_rollback_close_the_incident(tmp_path, home):
     rows = json.loads(run_cli("status", "--json", home=home, env=env).stdout)["runs"]
     forward = next(row for row in rows if row["id"] == run_id)
     assert forward["status"] == "rolled_back"
-    assert forward["incident"]["status"] == "closed" and forward["incident"]["resolution"] == "rolled_back"
+    assert forward["incident"]["status"] == "closed"
+    assert forward["incident"]["resolution"] == "rolled_back"
     table = run_cli("status", home=home, env=env).stdout
     assert "rolled back" in table
     notes = runbook.read_text(encoding="utf-8")
@@ -407,7 +409,7 @@ def test_rollback_plan_asks_before_what_cannot_be_undone(tmp_path):
                     error="x", abort_requested_by=None, owner=None, heartbeat_at=None)
     steps = {step.id: step for step in rollback_steps(build_rollback_plan(run, [], "undo"))}
     assert [step_id for step_id in steps] == [step.id for step in database.steps]
-    # kill -INT <pid> and npm run db:verify run without asking; the migration rollback asks.
+    # kill -INT <pid> and npm run db:verify run without an approval. The migration rollback needs one.
     assert not steps["r1.1"].requires_approval
     assert steps["r1.2"].requires_approval
     assert not steps["r1.4"].requires_approval

@@ -68,7 +68,7 @@ async def bot_process(tmp_path: Path, slack: SlackEmulator, port: int, client: B
     finally:
         if process.poll() is None:
             process.terminate()
-            # Waited for off the event loop, so the Slack emulator in this loop can answer the bot's last calls.
+            # Waited for off the event loop, so the Slack emulator in this loop can respond to the bot's last calls.
             await asyncio.to_thread(process.wait, 15)
 
 

@@ -56,7 +56,7 @@ SWITCH_RELOAD_SECONDS = 0.5
 # The delay of v2-latency-ms is uniform between these multiples of the value. The
 # 95th percentile of that is 0.5 + 0.95 * (1.0263 - 0.5) = 1.0 times the value.
 LATENCY_SPREAD = (0.5, 1.0263)
-# Where the sandbox checks that the service is up; no fault switch affects it.
+# The path the sandbox polls to see that the service is up. No fault switch affects it.
 READY_PATH = "/_sandbox/ready"
 UNAFFECTED_PATHS = frozenset({"/v2/health", READY_PATH})
 

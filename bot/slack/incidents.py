@@ -1,8 +1,8 @@
 """The incident message in the incidents channel, its buttons, and keeping it in step with the store.
 
-Everything shown about an incident goes through `SlackIncidents.sync`: it
-posts the message the first time, and afterwards edits it and adds a line
-to its thread whenever the store says something changed (an action chosen,
+Everything posted about an incident goes through `SlackIncidents.sync`. It
+posts the message the first time. Afterwards it edits the message and adds a
+line to its thread whenever the stored incident changed (an action chosen,
 a new round, the incident closed). Actions taken from the terminal reach
 Slack the same way, when the bot's watcher syncs open incidents.
 """
@@ -192,7 +192,7 @@ class SlackIncidents:
         self._locks: dict[str, asyncio.Lock] = {}
 
     async def sync(self, incident_id: str) -> None:
-        """Make the incident's message and thread show what the store says; a Slack error is logged and retried later."""
+        """Bring the incident's message and thread up to date with the store. A Slack error is logged and retried later."""
         lock = self._locks.setdefault(incident_id, asyncio.Lock())
         async with lock:
             try:
@@ -215,7 +215,7 @@ class SlackIncidents:
         view = await incident_view(store, incident, locale)
         signature = _signature(incident, view.emergency_done)
         data = dict(incident.data or {})
-        if incident.ts is not None and data.get("shown") == signature:
+        if incident.ts is not None and data.get("posted_state") == signature:
             return
 
         client = service.client
@@ -229,32 +229,32 @@ class SlackIncidents:
                 return
             await service.pacer.space_posts(channel)
             response = await client.chat_postMessage(channel=channel, text=text, blocks=blocks)
-            data["shown"] = signature
+            data["posted_state"] = signature
             await store.update_incident(incident.id, channel=channel, ts=response["ts"], data=data)
             link = await self._permalink(channel, response["ts"])
             await self._run_note(run_slack, translate("incident.opened_in_run", locale, incident_id=incident.id,
                                                       link=link or channel))
             return
 
-        shown = data.get("shown") or {}
+        posted = data.get("posted_state") or {}
         await service.pacer.space_updates(incident.channel)
         await client.chat_update(channel=incident.channel, ts=incident.ts, text=text, blocks=blocks)
         notes = []
-        if signature["round"] != shown.get("round") and incident.open:
+        if signature["round"] != posted.get("round") and incident.open:
             notes.append(translate("incident.new_round", locale, reason=translate(f"incident.reason_{incident.reason}",
                                                                                   locale),
                                    step_id=incident.step_id or "-",
                                    error=cut_end(mask_secrets(str(data.get("error") or "-")), 800)))
-        if incident.action and incident.action != shown.get("action"):
+        if incident.action and incident.action != posted.get("action"):
             notes.append(translate("incident.action_taken", locale, user=person(incident.action_by),
                                    action=translate(f"incident.action_{incident.action}", locale),
                                    at=_when(incident.action_at)))
         for step_id in signature["emergency"]:
-            if step_id not in (shown.get("emergency") or []):
+            if step_id not in (posted.get("emergency") or []):
                 actor, at = view.emergency_done[step_id]
                 notes.append(translate("incident.emergency_started", locale, step_id=step_id,
                                        user=person(actor), at=_when(at)))
-        closed_now = not incident.open and shown.get("status") != "closed"
+        closed_now = not incident.open and posted.get("status") != "closed"
         if closed_now:
             notes.append(translate("incident.closed_note", locale,
                                    resolution=translate(f"incident.resolution_{incident.resolution}", locale),
@@ -262,7 +262,7 @@ class SlackIncidents:
         for note in notes:
             await service.pacer.space_posts(incident.channel)
             await client.chat_postMessage(channel=incident.channel, thread_ts=incident.ts, text=note)
-        data["shown"] = signature
+        data["posted_state"] = signature
         await store.update_incident(incident.id, data=data)
         if closed_now:
             await self._refresh_run_message(run)
@@ -306,7 +306,7 @@ class SlackIncidents:
 
 
 class IncidentNotifier:
-    """An engine notifier that syncs the incident message when the engine opens, asks again or closes an incident."""
+    """An engine notifier that syncs the incident message when the engine opens, reopens or closes an incident."""
 
     def __init__(self, incidents: SlackIncidents) -> None:
         self.incidents = incidents

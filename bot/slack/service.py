@@ -319,10 +319,12 @@ class SlackService:
         """
         from bot.incidents import close_if_settled
 
+        # NOTE: each round reads the 200 newest incidents and each sync reads its run; not measured with
+        # many open incidents at once.
         for incident in await self.store.list_incidents(limit=200):
             # A closed incident is posted only if it was posted while open, and an old one
             # from a terminal run not at all: a late post would be noise.
-            if not incident.open and (incident.ts is None or (incident.data or {}).get("shown", {}).get("status")
+            if not incident.open and (incident.ts is None or (incident.data or {}).get("posted_state", {}).get("status")
                                       == "closed"):
                 continue
             if incident.ts is None and time.time() - incident.opened_at > UNPOSTED_INCIDENT_MAX_AGE_SECONDS:
